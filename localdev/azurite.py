@@ -1,0 +1,83 @@
+"""Starts the project's pinned Azurite (node_modules, from `npm ci`) on free loopback ports."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+# Azurite's published development account; it only ever exists on this machine.
+ACCOUNT = "devstoreaccount1"
+ACCOUNT_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Azurite:
+    def __init__(self) -> None:
+        self.ports = {"blob": free_port(), "queue": free_port(), "table": free_port()}
+        self._log = tempfile.TemporaryFile()
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def connection_string(self) -> str:
+        endpoints = ";".join(
+            f"{kind.title()}Endpoint=http://127.0.0.1:{port}/{ACCOUNT}" for kind, port in self.ports.items()
+        )
+        return f"DefaultEndpointsProtocol=http;AccountName={ACCOUNT};AccountKey={ACCOUNT_KEY};{endpoints}"
+
+    def start(self, timeout: float = 30.0) -> Azurite:
+        binary = ROOT / "node_modules" / ".bin" / "azurite"
+        if not binary.exists():
+            raise RuntimeError(f"{binary} is missing: run `npm ci` (scripts/bootstrap does)")
+        self._process = subprocess.Popen(
+            [
+                str(binary),
+                "--silent",
+                "--skipApiVersionCheck",  # the current SDKs send a newer service version
+                "--disableTelemetry",  # otherwise it tries to reach an outside host
+                "--inMemoryPersistence",
+                "--blobHost", "127.0.0.1", "--blobPort", str(self.ports["blob"]),
+                "--queueHost", "127.0.0.1", "--queuePort", str(self.ports["queue"]),
+                "--tableHost", "127.0.0.1", "--tablePort", str(self.ports["table"]),
+            ],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+        )
+        deadline = time.monotonic() + timeout
+        for port in self.ports.values():
+            while not _listening(port):
+                if self._process.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    self._log.seek(0)
+                    raise RuntimeError(f"Azurite did not start: {self._log.read()[-2000:].decode(errors='replace')}")
+                time.sleep(0.05)
+        return self
+
+    def stop(self) -> None:
+        if self._process and self._process.poll() is None:
+            self._process.terminate()
+            try:
+                self._process.wait(10)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+
+    def __enter__(self) -> Azurite:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.2)
+        return sock.connect_ex(("127.0.0.1", port)) == 0

@@ -1,0 +1,309 @@
+"""A local stand-in for the Azure Functions host (which cannot be installed here).
+
+It loads `function_app.app` and does what the host does with it, driven by host.json:
+- serves the HTTP triggers on a loopback port under `/api`, checking function keys the way
+  the host does (`x-functions-key` header or `?code=`), and turns real HTTP into
+  `func.HttpRequest`;
+- runs each queue trigger like the host's queue listener: base64 messages, `batchSize` and
+  `newBatchThreshold`, polling that backs off to `maxPollingInterval` when idle, a message
+  that raised becomes visible again after `visibilityTimeout`, and one that raised on its
+  `maxDequeueCount`-th delivery is moved, unchanged, to `<queue>-poison`.
+
+Run: `python -m localdev.host --port 7071` with the app's settings in the environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import json
+import logging
+import os
+import re
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import timedelta
+from http.server import ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, cast
+from urllib.parse import parse_qs, urlsplit
+
+import azure.functions as func
+from azure.core.exceptions import ResourceExistsError
+from azure.functions.decorators.http import HttpTrigger
+from azure.functions.decorators.queue import QueueTrigger
+from azure.functions.queue import QueueMessage
+from azure.storage.queue import QueueClient
+
+from .loopback import QuietHandler
+
+ROOT = Path(__file__).resolve().parent.parent
+LOCAL_FUNCTION_KEY = "local-function-key"  # not a secret: only this loopback host knows it
+LOCAL_MASTER_KEY = "local-master-key"
+log = logging.getLogger("localdev.host")
+
+
+@dataclass(frozen=True)
+class QueueOptions:
+    batch_size: int = 16
+    new_batch_threshold: int = 8
+    max_polling_interval: float = 60.0
+    visibility_timeout: float = 0.0
+    max_dequeue_count: int = 5
+    base64: bool = True
+    function_timeout: float = 300.0
+
+    @classmethod
+    def from_host_json(cls, path: Path = ROOT / "host.json") -> QueueOptions:
+        host = json.loads(path.read_text())
+        queues = host.get("extensions", {}).get("queues", {})
+        batch = int(queues.get("batchSize", 16))
+        return cls(
+            batch_size=batch,
+            new_batch_threshold=int(queues.get("newBatchThreshold", batch // 2)),
+            max_polling_interval=_timespan(queues.get("maxPollingInterval", "00:01:00")),
+            visibility_timeout=_timespan(queues.get("visibilityTimeout", "00:00:00")),
+            max_dequeue_count=int(queues.get("maxDequeueCount", 5)),
+            base64=queues.get("messageEncoding", "base64") == "base64",
+            function_timeout=_timespan(host.get("functionTimeout", "00:05:00")),
+        )
+
+
+def _timespan(value: str | int | float) -> float:
+    if isinstance(value, int | float):
+        return float(value) / 1000  # host.json takes milliseconds for plain numbers
+    hours, minutes, seconds = value.split(":")
+    return timedelta(hours=int(hours), minutes=int(minutes), seconds=float(seconds)).total_seconds()
+
+
+@dataclass(frozen=True)
+class HttpRoute:
+    name: str
+    pattern: re.Pattern[str]
+    methods: frozenset[str]
+    auth_level: str
+    handler: Any
+
+
+def _route_pattern(template: str) -> re.Pattern[str]:
+    # "offboard/{requestId}" -> ^offboard/(?P<requestId>[^/]+)$ ; constraints (":guid") ignored
+    regex = re.sub(r"\{(\w+)(?::[^}]*)?\}", lambda m: f"(?P<{m.group(1)}>[^/]+)", template)
+    return re.compile(f"^{regex}$")
+
+
+class LocalHost:
+    def __init__(self, app: func.FunctionApp, options: QueueOptions, connection_string: str) -> None:
+        self.options = options
+        self.connection_string = connection_string
+        self.routes: list[HttpRoute] = []
+        self.queue_triggers: list[tuple[str, str, Any]] = []
+        for function in app.get_functions():
+            trigger = function.get_trigger()
+            handler = function.get_user_function()
+            name = function.get_function_name() or handler.__name__
+            if isinstance(trigger, HttpTrigger):
+                methods = frozenset(str(getattr(m, "value", m)).upper() for m in (trigger.methods or []))
+                level = str(getattr(trigger.auth_level, "value", trigger.auth_level) or "function").lower()
+                self.routes.append(HttpRoute(name, _route_pattern(trigger.route or name), methods, level, handler))
+            elif isinstance(trigger, QueueTrigger):
+                queue = re.sub(r"%(\w+)%", lambda m: os.environ[m.group(1)], trigger.queue_name)
+                self.queue_triggers.append((name, queue, handler))
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._http: ThreadingHTTPServer | None = None
+
+    # ---- HTTP ---------------------------------------------------------------------------
+
+    def serve_http(self, port: int) -> int:
+        self._http = ThreadingHTTPServer(("127.0.0.1", port), _HttpHandler)
+        self._http.daemon_threads = True
+        self._http.owner = self  # type: ignore[attr-defined]
+        thread = threading.Thread(target=self._http.serve_forever, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+        return int(self._http.server_address[1])
+
+    def dispatch(self, method: str, url: str, headers: dict[str, str], body: bytes) -> func.HttpResponse:
+        parts = urlsplit(url)
+        params = {k: v[0] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
+        path = parts.path
+        if not path.startswith("/api/"):
+            return _error(404, "NotFound", "no such route")
+        for route in self.routes:
+            match = route.pattern.match(path.removeprefix("/api/"))
+            if not match:
+                continue
+            if route.methods and method not in route.methods:
+                return _error(405, "MethodNotAllowed", f"{method} is not allowed here")
+            if not _authorised(route.auth_level, headers, params):
+                return func.HttpResponse(status_code=401)
+            request = func.HttpRequest(
+                method=method, url=url, headers=headers, params=params, route_params=match.groupdict(), body=body
+            )
+            try:
+                return cast(func.HttpResponse, route.handler(request))
+            except Exception:
+                log.exception("Function %s raised", route.name)
+                return func.HttpResponse(status_code=500)
+        return _error(404, "NotFound", "no such route")
+
+    # ---- queues -------------------------------------------------------------------------
+
+    def run_queues(self) -> None:
+        for name, queue, handler in self.queue_triggers:
+            thread = threading.Thread(target=self._listen, args=(name, queue, handler), daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def _listen(self, name: str, queue_name: str, handler: Any) -> None:
+        opts = self.options
+        queue = QueueClient.from_connection_string(self.connection_string, queue_name)
+        poison = QueueClient.from_connection_string(self.connection_string, f"{queue_name}-poison")
+        for client in (queue, poison):
+            try:
+                client.create_queue()
+            except ResourceExistsError:
+                pass
+        busy = 0
+        busy_lock = threading.Lock()
+        pool = ThreadPoolExecutor(max_workers=opts.batch_size + opts.new_batch_threshold)
+        delay = 0.1
+
+        def run(message: Any) -> None:
+            nonlocal busy
+            try:
+                self._deliver(name, handler, queue, poison, message)
+            except Exception:
+                # Storage failed after the function ran: the message reappears by itself.
+                log.exception("Completing message %s failed", message.id)
+            finally:
+                with busy_lock:
+                    busy -= 1
+
+        while not self._stop.is_set():
+            with busy_lock:
+                room = busy <= opts.new_batch_threshold
+            messages: list[Any] = []
+            if room:
+                try:
+                    messages = list(
+                        queue.receive_messages(
+                            max_messages=min(32, opts.batch_size),
+                            # The host renews its lease while a function runs; a lock as
+                            # long as functionTimeout is the same thing for a local host.
+                            visibility_timeout=int(opts.function_timeout),
+                        )
+                    )
+                except Exception:
+                    log.exception("Receiving from %s failed; retrying", queue_name)
+            with busy_lock:
+                busy += len(messages)
+            for message in messages:
+                pool.submit(run, message)
+            if messages:
+                delay = 0.1
+            elif not room:
+                self._stop.wait(0.02)
+            else:
+                self._stop.wait(delay)
+                delay = min(delay * 2, opts.max_polling_interval)
+        pool.shutdown(wait=True)
+
+    def _deliver(self, name: str, handler: Any, queue: QueueClient, poison: QueueClient, message: Any) -> None:
+        opts = self.options
+        try:
+            body = base64.b64decode(message.content, validate=True) if opts.base64 else message.content.encode()
+        except (binascii.Error, ValueError):
+            log.error("Message %s on %s is not base64; moving it to poison", message.id, queue.queue_name)
+            return self._to_poison(queue, poison, message)
+        item = QueueMessage(
+            id=message.id,
+            body=body,
+            dequeue_count=message.dequeue_count,
+            pop_receipt=message.pop_receipt,
+            insertion_time=message.inserted_on,
+            expiration_time=message.expires_on,
+            time_next_visible=message.next_visible_on,
+        )
+        try:
+            handler(item)
+        except Exception:
+            log.exception("Function %s raised on message %s (delivery %d)", name, message.id, message.dequeue_count)
+            if message.dequeue_count >= opts.max_dequeue_count:
+                return self._to_poison(queue, poison, message)
+            queue.update_message(message, pop_receipt=message.pop_receipt, visibility_timeout=int(opts.visibility_timeout))
+            return
+        queue.delete_message(message.id, message.pop_receipt)
+
+    @staticmethod
+    def _to_poison(queue: QueueClient, poison: QueueClient, message: Any) -> None:
+        poison.send_message(message.content, time_to_live=-1)
+        queue.delete_message(message.id, message.pop_receipt)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._http:
+            self._http.shutdown()
+            self._http.server_close()
+        for thread in self._threads:
+            thread.join(timeout=10)
+
+
+def _authorised(level: str, headers: dict[str, str], params: dict[str, str]) -> bool:
+    if level == "anonymous":
+        return True
+    key = headers.get("x-functions-key") or params.get("code")
+    allowed = {LOCAL_MASTER_KEY} if level == "admin" else {LOCAL_FUNCTION_KEY, LOCAL_MASTER_KEY}
+    return key in allowed
+
+
+def _error(status: int, code: str, message: str) -> func.HttpResponse:
+    return func.HttpResponse(
+        json.dumps({"error": {"code": code, "message": message}}), status_code=status, mimetype="application/json"
+    )
+
+
+class _HttpHandler(QuietHandler):
+    def _handle(self) -> None:
+        host = cast(LocalHost, self.server.owner)  # type: ignore[attr-defined]
+        headers = {k.lower(): v for k, v in self.headers.items()}
+        url = f"http://{self.headers.get('Host', '127.0.0.1')}{self.path}"
+        response = host.dispatch(self.command, url, headers, self.read_body())
+        out_headers = dict(response.headers.items())
+        if response.mimetype and "content-type" not in {k.lower() for k in out_headers}:
+            charset = f"; charset={response.charset}" if response.charset else ""
+            out_headers["Content-Type"] = f"{response.mimetype}{charset}"
+        self.send(response.status_code, response.get_body() or b"", out_headers)
+
+    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _handle  # noqa: N815
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--port", type=int, default=7071, help="HTTP port on 127.0.0.1 (0 picks a free one)")
+    parser.add_argument("--no-http", action="store_true", help="run only the queue triggers (an extra worker)")
+    parser.add_argument("--no-queues", action="store_true", help="serve only the HTTP triggers")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("azure").setLevel(logging.WARNING)
+    sys.path.insert(0, str(ROOT))
+    from function_app import app  # imported here, as the host would, after settings are in place
+
+    host = LocalHost(app, QueueOptions.from_host_json(), os.environ["AzureWebJobsStorage"])
+    port = None if args.no_http else host.serve_http(args.port)
+    if not args.no_queues:
+        host.run_queues()
+    # One JSON line on stdout tells a parent process (tests, demo, benchmark) we are ready.
+    print(json.dumps({"ready": True, "port": port}), flush=True)
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        host.stop()
+
+
+if __name__ == "__main__":
+    main()

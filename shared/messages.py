@@ -1,0 +1,80 @@
+"""The work-queue message: versioned JSON, strict on the way in.
+
+The queue is the product's memory between the HTTP intake and the worker, so a message
+that cannot be understood is never guessed at: it is refused with a reason and poisoned.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, replace
+from datetime import UTC, datetime
+from typing import Any
+
+SCHEMA_VERSION = 1
+MACHINE_ID = re.compile(r"[0-9a-f]{40}")
+REQUEST_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+class MessageError(ValueError):
+    """The queue message is not one this version of the app can process."""
+
+
+@dataclass(frozen=True)
+class OffboardMessage:
+    request_id: str
+    machine_id: str
+    comment: str
+    enqueued_at: str  # ISO 8601, UTC: when the caller's request was accepted
+    caller: str
+    attempt: int = 1  # the delivery this message is for; +1 on every re-queue
+    failures: int = 0  # transient and configuration failures so far (429s don't count)
+
+    def next_attempt(self, *, failed: bool) -> OffboardMessage:
+        return replace(self, attempt=self.attempt + 1, failures=self.failures + int(failed))
+
+    def to_json(self) -> str:
+        body = {"v": SCHEMA_VERSION, **{_camel(k): v for k, v in asdict(self).items()}}
+        return json.dumps(body, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> OffboardMessage:
+        try:
+            body = json.loads(text)
+        except ValueError as exc:
+            raise MessageError(f"not JSON: {exc}") from None
+        if not isinstance(body, dict):
+            raise MessageError("not a JSON object")
+        if body.get("v") != SCHEMA_VERSION:
+            raise MessageError(f"unknown schema version {body.get('v')!r}")
+        return cls(
+            request_id=_field(body, "requestId", str, REQUEST_ID),
+            machine_id=_field(body, "machineId", str, MACHINE_ID),
+            comment=_field(body, "comment", str),
+            enqueued_at=_field(body, "enqueuedAt", str),
+            caller=_field(body, "caller", str),
+            attempt=_field(body, "attempt", int),
+            failures=_field(body, "failures", int),
+        )
+
+
+def utc_now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(word.title() for word in rest)
+
+
+def _field(body: dict[str, Any], name: str, kind: type, pattern: re.Pattern[str] | None = None) -> Any:
+    value = body.get(name)
+    # bool is an int in Python; a message with "attempt": true is still malformed.
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise MessageError(f"field {name!r} is missing or not a {kind.__name__}")
+    if pattern is not None and not pattern.fullmatch(value):
+        raise MessageError(f"field {name!r} is malformed")
+    if kind is int and value < 0:
+        raise MessageError(f"field {name!r} is negative")
+    return value

@@ -1,0 +1,47 @@
+"""The process's long-lived objects, built on first use, once.
+
+Nothing here runs at import: a cold start pays only for what the first invocation needs,
+and tests build their own objects from `Settings` instead of touching these.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from .defender import DefenderClient
+from .outcome import RetryPolicy
+from .queues import WorkQueue
+from .settings import Settings, get_settings
+from .token import TokenProvider
+from .worker import Worker
+
+
+def build_work_queue(settings: Settings) -> WorkQueue:
+    return WorkQueue.from_connection_string(settings.storage_connection, settings.queue_name)
+
+
+def build_worker(settings: Settings, queue: WorkQueue) -> Worker:
+    tokens = TokenProvider(settings.defender_scope, settings.managed_identity_client_id)
+    defender = DefenderClient(
+        settings.defender_base_url,
+        tokens,
+        connect_timeout=settings.connect_timeout_seconds,
+        read_timeout=settings.read_timeout_seconds,
+    )
+    policy = RetryPolicy(
+        max_attempts=settings.max_attempts,
+        base_seconds=settings.retry_base_seconds,
+        max_seconds=settings.retry_max_seconds,
+        config_seconds=settings.config_retry_seconds,
+    )
+    return Worker(defender=defender, queue=queue, policy=policy)
+
+
+@lru_cache(maxsize=1)
+def work_queue() -> WorkQueue:
+    return build_work_queue(get_settings())
+
+
+@lru_cache(maxsize=1)
+def worker() -> Worker:
+    return build_worker(get_settings(), work_queue())

@@ -1,0 +1,170 @@
+"""App settings, read once from the environment into a frozen dataclass.
+
+Every problem is collected and reported together, each with the setting's name, so an
+operator fixes a broken deployment in one pass rather than one restart per typo.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import TypeVar
+from urllib.parse import urlsplit
+
+DEFAULT_COMMENT = "Offboarded by automation (Defender offboarding service)"
+# Queue names: 3-63 chars, lowercase letters, digits and single hyphens (Azure's rule).
+_QUEUE_NAME = re.compile(r"[a-z0-9](?:[a-z0-9]|-(?=[a-z0-9])){2,62}")
+# Leaves room for the "-poison" suffix the host appends (63 - 7).
+_MAX_WORK_QUEUE_NAME = 56
+
+T = TypeVar("T")
+
+
+class SettingsError(ValueError):
+    """One or more settings are missing or invalid; the message lists every one."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("invalid settings: " + "; ".join(problems))
+
+
+@dataclass(frozen=True)
+class Settings:
+    storage_connection: str
+    queue_name: str
+    defender_base_url: str
+    defender_scope: str
+    managed_identity_client_id: str | None
+    default_comment: str
+    max_attempts: int
+    retry_base_seconds: float
+    retry_max_seconds: float
+    config_retry_seconds: float
+    connect_timeout_seconds: float
+    read_timeout_seconds: float
+
+    @property
+    def poison_queue_name(self) -> str:
+        return f"{self.queue_name}-poison"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        problems: list[str] = []
+
+        def read(name: str, default: str | None, parse: Callable[[str], T]) -> T | None:
+            raw = env.get(name, "").strip()
+            if not raw:
+                if default is None:
+                    problems.append(f"{name} is required")
+                    return None
+                raw = default
+            try:
+                return parse(raw)
+            except ValueError as exc:
+                problems.append(f"{name}: {exc}")
+                return None
+
+        values = {
+            "storage_connection": read("AzureWebJobsStorage", None, str),
+            "queue_name": read("OFFBOARD_QUEUE_NAME", "offboard-requests", _queue_name),
+            "defender_base_url": read(
+                "DEFENDER_API_BASE_URL", "https://api.securitycenter.microsoft.com", _base_url
+            ),
+            "defender_scope": read(
+                "DEFENDER_API_SCOPE", "https://api.securitycenter.microsoft.com/.default", _scope
+            ),
+            "managed_identity_client_id": env.get("MANAGED_IDENTITY_CLIENT_ID", "").strip()
+            or None,
+            "default_comment": read("OFFBOARD_DEFAULT_COMMENT", DEFAULT_COMMENT, str),
+            "max_attempts": read("OFFBOARD_MAX_ATTEMPTS", "8", _bounded_int(1, 100)),
+            "retry_base_seconds": read(
+                "OFFBOARD_RETRY_BASE_SECONDS", "30", _bounded_float(0, 86_400)
+            ),
+            "retry_max_seconds": read(
+                "OFFBOARD_RETRY_MAX_SECONDS", "3600", _bounded_float(0, 604_800)
+            ),
+            "config_retry_seconds": read(
+                "OFFBOARD_CONFIG_RETRY_SECONDS", "900", _bounded_float(0, 604_800)
+            ),
+            "connect_timeout_seconds": read(
+                "DEFENDER_CONNECT_TIMEOUT_SECONDS", "5", _bounded_float(0.1, 60)
+            ),
+            "read_timeout_seconds": read(
+                "DEFENDER_READ_TIMEOUT_SECONDS", "30", _bounded_float(0.1, 230)
+            ),
+        }
+        if problems:
+            raise SettingsError(problems)
+        return cls(**values)  # type: ignore[arg-type]
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Settings for this process, read on first use (never at import: cold starts stay cheap)."""
+    return Settings.from_env()
+
+
+def _queue_name(raw: str) -> str:
+    if len(raw) > _MAX_WORK_QUEUE_NAME or not _QUEUE_NAME.fullmatch(raw):
+        raise ValueError(
+            f"{raw!r} is not a valid queue name (3-{_MAX_WORK_QUEUE_NAME} lowercase letters, "
+            "digits or single hyphens, starting and ending with a letter or digit)"
+        )
+    return raw
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _base_url(raw: str) -> str:
+    parts = urlsplit(raw)
+    if parts.scheme not in ("https", "http") or not parts.hostname:
+        raise ValueError(f"{raw!r} is not an absolute http(s) URL")
+    if parts.scheme == "http" and not _is_loopback(parts.hostname):
+        raise ValueError("must use https (plain http is allowed only for loopback hosts)")
+    if parts.query or parts.fragment or parts.username or parts.password:
+        raise ValueError("must not carry credentials, a query or a fragment")
+    return raw.rstrip("/")
+
+
+def _scope(raw: str) -> str:
+    if not raw.startswith("https://") or not raw.endswith("/.default"):
+        raise ValueError(f"{raw!r} must be an https resource ending in '/.default'")
+    return raw
+
+
+def _bounded_int(low: int, high: int) -> Callable[[str], int]:
+    def parse(raw: str) -> int:
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ValueError(f"{raw!r} is not a whole number") from None
+        if not low <= value <= high:
+            raise ValueError(f"{value} is outside {low}..{high}")
+        return value
+
+    return parse
+
+
+def _bounded_float(low: float, high: float) -> Callable[[str], float]:
+    def parse(raw: str) -> float:
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ValueError(f"{raw!r} is not a number") from None
+        if not low <= value <= high:  # also refuses NaN
+            raise ValueError(f"{value:g} is outside {low:g}..{high:g}")
+        return value
+
+    return parse

@@ -1,0 +1,199 @@
+"""Shared fixtures: real Azurite, the real credential against a loopback identity endpoint,
+the loopback Defender simulator, and the local Functions host as a subprocess."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from azure.storage.queue import QueueClient
+
+from localdev.azurite import Azurite
+from localdev.defender_sim import DefenderSimulator
+from localdev.host import LOCAL_FUNCTION_KEY
+from localdev.identity import IdentityEndpoint
+from shared.messages import OffboardMessage
+from shared.queues import WorkQueue
+from shared.runtime import build_worker
+from shared.settings import Settings
+from shared.worker import Worker
+
+ROOT = Path(__file__).resolve().parent.parent
+MACHINE = "1e5bc9d7e413ddd7902c2932e418702b84d0cc07"  # the id in the API reference example
+
+
+@pytest.fixture(scope="session")
+def azurite() -> Iterator[Azurite]:
+    with Azurite() as emulator:
+        yield emulator
+
+
+@pytest.fixture
+def identity() -> Iterator[IdentityEndpoint]:
+    with IdentityEndpoint() as endpoint:
+        yield endpoint  # type: ignore[misc]
+
+
+@pytest.fixture
+def defender(identity: IdentityEndpoint) -> Iterator[DefenderSimulator]:
+    # Only tokens the identity endpoint really issued are accepted, as Defender would.
+    with DefenderSimulator(accept_token=lambda token: token in identity.tokens) as sim:
+        yield sim  # type: ignore[misc]
+
+
+@pytest.fixture
+def queue_name() -> str:
+    return f"t{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def app_env(
+    azurite: Azurite, identity: IdentityEndpoint, defender: DefenderSimulator, queue_name: str
+) -> dict[str, str]:
+    """The app's settings for one test: its own queue, fast retries, every fake wired in."""
+    return {
+        "AzureWebJobsStorage": azurite.connection_string,
+        "OFFBOARD_QUEUE_NAME": queue_name,
+        "DEFENDER_API_BASE_URL": defender.url,
+        "DEFENDER_API_SCOPE": "https://api.securitycenter.microsoft.com/.default",
+        "OFFBOARD_MAX_ATTEMPTS": "3",
+        "OFFBOARD_RETRY_BASE_SECONDS": "1",
+        "OFFBOARD_RETRY_MAX_SECONDS": "2",
+        "OFFBOARD_CONFIG_RETRY_SECONDS": "60",
+        "DEFENDER_CONNECT_TIMEOUT_SECONDS": "2",
+        "DEFENDER_READ_TIMEOUT_SECONDS": "1",
+        **identity.env,
+    }
+
+
+@pytest.fixture
+def make_worker(app_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Callable[..., Worker]:
+    """A worker built exactly as the app builds it, in this process, with setting overrides."""
+
+    def make(**overrides: str) -> Worker:
+        env = {**app_env, **overrides}
+        for name in ("IDENTITY_ENDPOINT", "IDENTITY_HEADER"):
+            monkeypatch.setenv(name, env[name])  # read by ManagedIdentityCredential
+        settings = Settings.from_env(env)
+        return build_worker(settings, WorkQueue.from_connection_string(settings.storage_connection, settings.queue_name))
+
+    return make
+
+
+@dataclass
+class Queues:
+    """Reads the test's queues the way an operator would, decoding base64 JSON."""
+
+    connection_string: str
+    name: str
+
+    def client(self, suffix: str = "") -> QueueClient:
+        return QueueClient.from_connection_string(self.connection_string, self.name + suffix)
+
+    def count(self, suffix: str = "") -> int:
+        try:
+            return int(self.client(suffix).get_queue_properties().approximate_message_count)
+        except Exception:  # the queue does not exist yet
+            return 0
+
+    def peek(self, suffix: str = "") -> list[Any]:
+        try:
+            messages = self.client(suffix).peek_messages(max_messages=32)
+        except Exception:
+            return []
+        return [json.loads(base64.b64decode(m.content)) for m in messages]
+
+    def wait_for(self, suffix: str, count: int = 1, timeout: float = 20.0) -> list[Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = self.peek(suffix)
+            if len(found) >= count:
+                return found
+            time.sleep(0.1)
+        raise TimeoutError(f"expected {count} messages on {self.name}{suffix}, found {len(self.peek(suffix))}")
+
+    def send_raw(self, text: str) -> None:
+        client = self.client()
+        try:
+            client.create_queue()
+        except Exception:
+            pass
+        client.send_message(base64.b64encode(text.encode()).decode())
+
+
+@pytest.fixture
+def queues(azurite: Azurite, queue_name: str) -> Queues:
+    return Queues(azurite.connection_string, queue_name)
+
+
+@dataclass
+class RunningHost:
+    url: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    def post(self, path: str, body: Any = None, *, data: bytes | None = None, key: bool = True,
+             **kwargs: Any) -> requests.Response:
+        headers = {"x-functions-key": LOCAL_FUNCTION_KEY} if key else {}
+        headers.update(kwargs.pop("headers", {}))
+        if data is None and body is not None:
+            data = json.dumps(body).encode()
+            headers.setdefault("Content-Type", "application/json")
+        return requests.post(self.url + path, data=data, headers=headers, timeout=10, **kwargs)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@pytest.fixture
+def local_host(app_env: dict[str, str]) -> Iterator[Callable[..., RunningHost]]:
+    """Starts `python -m localdev.host` with the test's settings (plus overrides)."""
+    started: list[RunningHost] = []
+
+    def start(*args: str, **overrides: str) -> RunningHost:
+        log_file = tempfile.NamedTemporaryFile(prefix="localhost-", suffix=".log", delete=False)  # noqa: SIM115
+        env = {**os.environ, **app_env, **overrides}
+        process = subprocess.Popen(
+            [sys.executable, "-m", "localdev.host", "--port", "0", *args],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=log_file,
+        )
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        if not line:
+            process.wait(5)
+            raise RuntimeError(f"local host did not start:\n{Path(log_file.name).read_text()}")
+        ready = json.loads(line)
+        host = RunningHost(f"http://127.0.0.1:{ready['port']}", process, Path(log_file.name))
+        started.append(host)
+        return host
+
+    yield start
+    for host in started:
+        host.process.terminate()
+        host.process.wait(10)
+        if os.environ.get("SHOW_HOST_LOGS"):
+            print(host.log())
+        host.log_path.unlink(missing_ok=True)
+
+
+def offboard_message(**fields: Any) -> OffboardMessage:
+    defaults: dict[str, Any] = {
+        "request_id": str(uuid.uuid4()),
+        "machine_id": MACHINE,
+        "comment": "Offboard machine by automation",
+        "enqueued_at": "2026-11-23T10:00:00+00:00",
+        "caller": "agent:pytest",
+    }
+    return OffboardMessage(**{**defaults, **fields})

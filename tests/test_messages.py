@@ -1,0 +1,59 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from shared.messages import MessageError, OffboardMessage
+from tests.conftest import offboard_message
+
+
+def test_round_trip() -> None:
+    message = offboard_message(attempt=3, failures=1)
+    assert OffboardMessage.from_json(message.to_json()) == message
+
+
+def test_wire_format_is_versioned_camel_case_json() -> None:
+    body = json.loads(offboard_message().to_json())
+    assert body["v"] == 1
+    assert set(body) == {"v", "requestId", "machineId", "comment", "enqueuedAt", "caller", "attempt", "failures"}
+
+
+def test_next_attempt_counts_failures_only_when_asked() -> None:
+    message = offboard_message()
+    assert message.next_attempt(failed=False).attempt == 2
+    assert message.next_attempt(failed=False).failures == 0
+    assert message.next_attempt(failed=True).failures == 1
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("not json", "not JSON"),
+        ("[1]", "not a JSON object"),
+        ('{"v": 2}', "unknown schema version 2"),
+        ("{}", "unknown schema version None"),
+    ],
+)
+def test_unreadable_messages_are_refused_with_a_reason(text: str, reason: str) -> None:
+    with pytest.raises(MessageError, match=reason):
+        OffboardMessage.from_json(text)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("machineId", "../../machines"),
+        ("machineId", "1E5BC9D7E413DDD7902C2932E418702B84D0CC07"),
+        ("requestId", "x"),
+        ("attempt", "1"),
+        ("attempt", True),
+        ("failures", -1),
+        ("comment", None),
+    ],
+)
+def test_malformed_fields_are_refused(field: str, value: object) -> None:
+    body = json.loads(offboard_message().to_json())
+    body[field] = value
+    with pytest.raises(MessageError, match=field):
+        OffboardMessage.from_json(json.dumps(body))
