@@ -23,7 +23,7 @@ def free_port() -> int:
 class Azurite:
     def __init__(self) -> None:
         self.ports = {"blob": free_port(), "queue": free_port(), "table": free_port()}
-        self._log = tempfile.TemporaryFile()
+        self._log = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as Azurite
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -44,9 +44,18 @@ class Azurite:
                 "--skipApiVersionCheck",  # the current SDKs send a newer service version
                 "--disableTelemetry",  # otherwise it tries to reach an outside host
                 "--inMemoryPersistence",
-                "--blobHost", "127.0.0.1", "--blobPort", str(self.ports["blob"]),
-                "--queueHost", "127.0.0.1", "--queuePort", str(self.ports["queue"]),
-                "--tableHost", "127.0.0.1", "--tablePort", str(self.ports["table"]),
+                "--blobHost",
+                "127.0.0.1",
+                "--blobPort",
+                str(self.ports["blob"]),
+                "--queueHost",
+                "127.0.0.1",
+                "--queuePort",
+                str(self.ports["queue"]),
+                "--tableHost",
+                "127.0.0.1",
+                "--tablePort",
+                str(self.ports["table"]),
             ],
             stdout=self._log,
             stderr=subprocess.STDOUT,
@@ -58,7 +67,9 @@ class Azurite:
                 if self._process.poll() is not None or time.monotonic() > deadline:
                     self.stop()
                     self._log.seek(0)
-                    raise RuntimeError(f"Azurite did not start: {self._log.read()[-2000:].decode(errors='replace')}")
+                    raise RuntimeError(
+                        f"Azurite did not start: {self._log.read()[-2000:].decode(errors='replace')}"
+                    )
                 time.sleep(0.05)
         return self
 

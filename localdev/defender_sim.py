@@ -34,7 +34,11 @@ class Reply:
 
     @classmethod
     def error(cls, status: int, code: str, message: str = "", **headers: str) -> Reply:
-        return cls(status, {"error": {"code": code, "message": message or code, "target": str(uuid.uuid4())}}, headers)
+        return cls(
+            status,
+            {"error": {"code": code, "message": message or code, "target": str(uuid.uuid4())}},
+            headers,
+        )
 
 
 @dataclass(frozen=True)
@@ -65,7 +69,8 @@ class DefenderSimulator(LoopbackServer):
     def offboard_calls(self, machine_id: str | None = None) -> list[Call]:
         with self._lock:
             return [
-                c for c in self.calls
+                c
+                for c in self.calls
                 if (m := _OFFBOARD.fullmatch(c.path)) and (machine_id is None or m.group(1) == machine_id)
             ]
 
@@ -130,7 +135,9 @@ class _Handler(QuietHandler):
         if scripted is not None:
             return self._reply(scripted)
         if self.headers.get_content_type() != "application/json":
-            return self._reply(Reply.error(415, "UnsupportedMediaType", "Content-Type must be application/json"))
+            return self._reply(
+                Reply.error(415, "UnsupportedMediaType", "Content-Type must be application/json")
+            )
         try:
             comment = json.loads(body)["Comment"]
         except (ValueError, KeyError, TypeError):

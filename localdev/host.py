@@ -17,13 +17,13 @@ from __future__ import annotations
 import argparse
 import base64
 import binascii
+import contextlib
 import json
 import logging
 import os
 import re
 import sys
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
@@ -108,7 +108,9 @@ class LocalHost:
             if isinstance(trigger, HttpTrigger):
                 methods = frozenset(str(getattr(m, "value", m)).upper() for m in (trigger.methods or []))
                 level = str(getattr(trigger.auth_level, "value", trigger.auth_level) or "function").lower()
-                self.routes.append(HttpRoute(name, _route_pattern(trigger.route or name), methods, level, handler))
+                self.routes.append(
+                    HttpRoute(name, _route_pattern(trigger.route or name), methods, level, handler)
+                )
             elif isinstance(trigger, QueueTrigger):
                 queue = re.sub(r"%(\w+)%", lambda m: os.environ[m.group(1)], trigger.queue_name)
                 self.queue_triggers.append((name, queue, handler))
@@ -142,7 +144,12 @@ class LocalHost:
             if not _authorised(route.auth_level, headers, params):
                 return func.HttpResponse(status_code=401)
             request = func.HttpRequest(
-                method=method, url=url, headers=headers, params=params, route_params=match.groupdict(), body=body
+                method=method,
+                url=url,
+                headers=headers,
+                params=params,
+                route_params=match.groupdict(),
+                body=body,
             )
             try:
                 return cast(func.HttpResponse, route.handler(request))
@@ -164,10 +171,8 @@ class LocalHost:
         queue = QueueClient.from_connection_string(self.connection_string, queue_name)
         poison = QueueClient.from_connection_string(self.connection_string, f"{queue_name}-poison")
         for client in (queue, poison):
-            try:
+            with contextlib.suppress(ResourceExistsError):
                 client.create_queue()
-            except ResourceExistsError:
-                pass
         busy = 0
         busy_lock = threading.Lock()
         pool = ThreadPoolExecutor(max_workers=opts.batch_size + opts.new_batch_threshold)
@@ -213,14 +218,18 @@ class LocalHost:
                 delay = min(delay * 2, opts.max_polling_interval)
         pool.shutdown(wait=True)
 
-    def _deliver(self, name: str, handler: Any, queue: QueueClient, poison: QueueClient, message: Any) -> None:
+    def _deliver(
+        self, name: str, handler: Any, queue: QueueClient, poison: QueueClient, message: Any
+    ) -> None:
         opts = self.options
         try:
-            body = base64.b64decode(message.content, validate=True) if opts.base64 else message.content.encode()
+            body = (
+                base64.b64decode(message.content, validate=True) if opts.base64 else message.content.encode()
+            )
         except (binascii.Error, ValueError):
             log.error("Message %s on %s is not base64; moving it to poison", message.id, queue.queue_name)
             return self._to_poison(queue, poison, message)
-        item = QueueMessage(
+        item = QueueMessage(  # type: ignore[no-untyped-call]
             id=message.id,
             body=body,
             dequeue_count=message.dequeue_count,
@@ -232,10 +241,14 @@ class LocalHost:
         try:
             handler(item)
         except Exception:
-            log.exception("Function %s raised on message %s (delivery %d)", name, message.id, message.dequeue_count)
+            log.exception(
+                "Function %s raised on message %s (delivery %d)", name, message.id, message.dequeue_count
+            )
             if message.dequeue_count >= opts.max_dequeue_count:
                 return self._to_poison(queue, poison, message)
-            queue.update_message(message, pop_receipt=message.pop_receipt, visibility_timeout=int(opts.visibility_timeout))
+            queue.update_message(
+                message, pop_receipt=message.pop_receipt, visibility_timeout=int(opts.visibility_timeout)
+            )
             return
         queue.delete_message(message.id, message.pop_receipt)
 
@@ -263,7 +276,9 @@ def _authorised(level: str, headers: dict[str, str], params: dict[str, str]) -> 
 
 def _error(status: int, code: str, message: str) -> func.HttpResponse:
     return func.HttpResponse(
-        json.dumps({"error": {"code": code, "message": message}}), status_code=status, mimetype="application/json"
+        json.dumps({"error": {"code": code, "message": message}}),
+        status_code=status,
+        mimetype="application/json",
     )
 
 
@@ -283,9 +298,13 @@ class _HttpHandler(QuietHandler):
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--port", type=int, default=7071, help="HTTP port on 127.0.0.1 (0 picks a free one)")
-    parser.add_argument("--no-http", action="store_true", help="run only the queue triggers (an extra worker)")
+    parser.add_argument(
+        "--no-http", action="store_true", help="run only the queue triggers (an extra worker)"
+    )
     parser.add_argument("--no-queues", action="store_true", help="serve only the HTTP triggers")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -49,13 +49,13 @@ class OffboardMessage:
         if body.get("v") != SCHEMA_VERSION:
             raise MessageError(f"unknown schema version {body.get('v')!r}")
         return cls(
-            request_id=_field(body, "requestId", str, REQUEST_ID),
-            machine_id=_field(body, "machineId", str, MACHINE_ID),
-            comment=_field(body, "comment", str),
-            enqueued_at=_field(body, "enqueuedAt", str),
-            caller=_field(body, "caller", str),
-            attempt=_field(body, "attempt", int),
-            failures=_field(body, "failures", int),
+            request_id=_text(body, "requestId", REQUEST_ID),
+            machine_id=_text(body, "machineId", MACHINE_ID),
+            comment=_text(body, "comment"),
+            enqueued_at=_text(body, "enqueuedAt"),
+            caller=_text(body, "caller"),
+            attempt=_count(body, "attempt"),
+            failures=_count(body, "failures"),
         )
 
 
@@ -68,13 +68,18 @@ def _camel(name: str) -> str:
     return head + "".join(word.title() for word in rest)
 
 
-def _field(body: dict[str, Any], name: str, kind: type, pattern: re.Pattern[str] | None = None) -> Any:
+def _text(body: dict[str, Any], name: str, pattern: re.Pattern[str] | None = None) -> str:
     value = body.get(name)
-    # bool is an int in Python; a message with "attempt": true is still malformed.
-    if not isinstance(value, kind) or isinstance(value, bool):
-        raise MessageError(f"field {name!r} is missing or not a {kind.__name__}")
+    if not isinstance(value, str):
+        raise MessageError(f"field {name!r} is missing or not a string")
     if pattern is not None and not pattern.fullmatch(value):
         raise MessageError(f"field {name!r} is malformed")
-    if kind is int and value < 0:
-        raise MessageError(f"field {name!r} is negative")
+    return value
+
+
+def _count(body: dict[str, Any], name: str) -> int:
+    value = body.get(name)
+    # bool is an int in Python; a message with "attempt": true is still malformed.
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise MessageError(f"field {name!r} is missing or not a whole number >= 0")
     return value

@@ -6,6 +6,7 @@ app sends goes through the SDK's base64 policies; a mismatch would poison every 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
@@ -49,9 +50,13 @@ class WorkQueue:
     def send(self, message: OffboardMessage, delay_seconds: int = 0) -> None:
         delay = min(max(0, delay_seconds), MAX_DELAY_SECONDS)
         self._ensure(self._work)
-        self._work.send_message(message.to_json(), visibility_timeout=delay or None, time_to_live=NEVER_EXPIRE)
+        self._work.send_message(
+            message.to_json(), visibility_timeout=delay or None, time_to_live=NEVER_EXPIRE
+        )
 
-    def poison(self, message: OffboardMessage | str, code: str, reason: str, status: int | None = None) -> None:
+    def poison(
+        self, message: OffboardMessage | str, code: str, reason: str, status: int | None = None
+    ) -> None:
         """Park a request that cannot succeed, with why, where an operator will look for it."""
         original: Any = json.loads(message.to_json()) if isinstance(message, OffboardMessage) else message
         record = {
@@ -68,8 +73,6 @@ class WorkQueue:
         if client.queue_name in self._created:
             return
         with self._lock:
-            try:
+            with contextlib.suppress(ResourceExistsError):
                 client.create_queue()
-            except ResourceExistsError:
-                pass
             self._created.add(client.queue_name)

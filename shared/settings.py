@@ -78,25 +78,14 @@ class Settings:
             "defender_scope": read(
                 "DEFENDER_API_SCOPE", "https://api.securitycenter.microsoft.com/.default", _scope
             ),
-            "managed_identity_client_id": env.get("MANAGED_IDENTITY_CLIENT_ID", "").strip()
-            or None,
+            "managed_identity_client_id": env.get("MANAGED_IDENTITY_CLIENT_ID", "").strip() or None,
             "default_comment": read("OFFBOARD_DEFAULT_COMMENT", DEFAULT_COMMENT, str),
             "max_attempts": read("OFFBOARD_MAX_ATTEMPTS", "8", _bounded_int(1, 100)),
-            "retry_base_seconds": read(
-                "OFFBOARD_RETRY_BASE_SECONDS", "30", _bounded_float(0, 86_400)
-            ),
-            "retry_max_seconds": read(
-                "OFFBOARD_RETRY_MAX_SECONDS", "3600", _bounded_float(0, 604_800)
-            ),
-            "config_retry_seconds": read(
-                "OFFBOARD_CONFIG_RETRY_SECONDS", "900", _bounded_float(0, 604_800)
-            ),
-            "connect_timeout_seconds": read(
-                "DEFENDER_CONNECT_TIMEOUT_SECONDS", "5", _bounded_float(0.1, 60)
-            ),
-            "read_timeout_seconds": read(
-                "DEFENDER_READ_TIMEOUT_SECONDS", "30", _bounded_float(0.1, 230)
-            ),
+            "retry_base_seconds": read("OFFBOARD_RETRY_BASE_SECONDS", "30", _bounded_float(0, 86_400)),
+            "retry_max_seconds": read("OFFBOARD_RETRY_MAX_SECONDS", "3600", _bounded_float(0, 604_800)),
+            "config_retry_seconds": read("OFFBOARD_CONFIG_RETRY_SECONDS", "900", _bounded_float(0, 604_800)),
+            "connect_timeout_seconds": read("DEFENDER_CONNECT_TIMEOUT_SECONDS", "5", _bounded_float(0.1, 60)),
+            "read_timeout_seconds": read("DEFENDER_READ_TIMEOUT_SECONDS", "30", _bounded_float(0.1, 230)),
         }
         if problems:
             raise SettingsError(problems)

@@ -66,7 +66,9 @@ class Worker:
                 outcome.action_id,
             )
         elif isinstance(outcome, Requeue):
-            self.queue.send(message.next_attempt(failed=outcome.kind is not RetryKind.THROTTLED), outcome.delay_seconds)
+            self.queue.send(
+                message.next_attempt(failed=outcome.kind is not RetryKind.THROTTLED), outcome.delay_seconds
+            )
             level = logging.ERROR if outcome.kind is RetryKind.CONFIGURATION else logging.WARNING
             log.log(
                 level,

@@ -4,6 +4,7 @@ the loopback Defender simulator, and the local Functions host as a subprocess.""
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import subprocess
@@ -18,6 +19,7 @@ from typing import Any
 
 import pytest
 import requests
+from azure.core.exceptions import ResourceExistsError
 from azure.storage.queue import QueueClient
 
 from localdev.azurite import Azurite
@@ -87,7 +89,9 @@ def make_worker(app_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Cal
         for name in ("IDENTITY_ENDPOINT", "IDENTITY_HEADER"):
             monkeypatch.setenv(name, env[name])  # read by ManagedIdentityCredential
         settings = Settings.from_env(env)
-        return build_worker(settings, WorkQueue.from_connection_string(settings.storage_connection, settings.queue_name))
+        return build_worker(
+            settings, WorkQueue.from_connection_string(settings.storage_connection, settings.queue_name)
+        )
 
     return make
 
@@ -104,7 +108,7 @@ class Queues:
 
     def count(self, suffix: str = "") -> int:
         try:
-            return int(self.client(suffix).get_queue_properties().approximate_message_count)
+            return int(self.client(suffix).get_queue_properties().approximate_message_count or 0)
         except Exception:  # the queue does not exist yet
             return 0
 
@@ -122,14 +126,14 @@ class Queues:
             if len(found) >= count:
                 return found
             time.sleep(0.1)
-        raise TimeoutError(f"expected {count} messages on {self.name}{suffix}, found {len(self.peek(suffix))}")
+        raise TimeoutError(
+            f"expected {count} messages on {self.name}{suffix}, found {len(self.peek(suffix))}"
+        )
 
     def send_raw(self, text: str) -> None:
         client = self.client()
-        try:
+        with contextlib.suppress(ResourceExistsError):
             client.create_queue()
-        except Exception:
-            pass
         client.send_message(base64.b64encode(text.encode()).decode())
 
 
@@ -144,8 +148,9 @@ class RunningHost:
     process: subprocess.Popen[bytes]
     log_path: Path
 
-    def post(self, path: str, body: Any = None, *, data: bytes | None = None, key: bool = True,
-             **kwargs: Any) -> requests.Response:
+    def post(
+        self, path: str, body: Any = None, *, data: bytes | None = None, key: bool = True, **kwargs: Any
+    ) -> requests.Response:
         headers = {"x-functions-key": LOCAL_FUNCTION_KEY} if key else {}
         headers.update(kwargs.pop("headers", {}))
         if data is None and body is not None:
@@ -167,7 +172,10 @@ def local_host(app_env: dict[str, str]) -> Iterator[Callable[..., RunningHost]]:
         env = {**os.environ, **app_env, **overrides}
         process = subprocess.Popen(
             [sys.executable, "-m", "localdev.host", "--port", "0", *args],
-            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=log_file,
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=log_file,
         )
         assert process.stdout is not None
         line = process.stdout.readline()

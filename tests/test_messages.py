@@ -16,7 +16,16 @@ def test_round_trip() -> None:
 def test_wire_format_is_versioned_camel_case_json() -> None:
     body = json.loads(offboard_message().to_json())
     assert body["v"] == 1
-    assert set(body) == {"v", "requestId", "machineId", "comment", "enqueuedAt", "caller", "attempt", "failures"}
+    assert set(body) == {
+        "v",
+        "requestId",
+        "machineId",
+        "comment",
+        "enqueuedAt",
+        "caller",
+        "attempt",
+        "failures",
+    }
 
 
 def test_next_attempt_counts_failures_only_when_asked() -> None:

@@ -60,7 +60,9 @@ def test_active_request_already_exists_is_success() -> None:
     assert outcome == Succeeded(already_pending=True)
 
 
-@pytest.mark.parametrize("code", ["OsPlatformNotSupported", "InvalidRequestBody", "BadRequest", "InvalidInput"])
+@pytest.mark.parametrize(
+    "code", ["OsPlatformNotSupported", "InvalidRequestBody", "BadRequest", "InvalidInput"]
+)
 def test_other_400s_fail_permanently_with_the_reason(code: str) -> None:
     outcome = decide(error(400, code))
     assert outcome == Failed(code, f"{code} happened", 400)
@@ -118,7 +120,11 @@ def test_transient_failures_stop_at_the_attempt_limit() -> None:
     [
         (error(401, "Unauthorized"), "Unauthorized", "DEFENDER_API_SCOPE"),
         (error(403, "Forbidden"), "Forbidden", "Machine.Offboard"),
-        (TokenUnavailable("ClientAuthenticationError: no identity"), "TokenUnavailable", "MANAGED_IDENTITY_CLIENT_ID"),
+        (
+            TokenUnavailable("ClientAuthenticationError: no identity"),
+            "TokenUnavailable",
+            "MANAGED_IDENTITY_CLIENT_ID",
+        ),
     ],
 )
 def test_configuration_failures_wait_long_and_say_what_to_fix(result: object, code: str, hint: str) -> None:

@@ -47,7 +47,14 @@ def test_plain_http_is_allowed_only_for_loopback(url: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "url", ["http://10.0.0.5", "ftp://x", "https://user:pw@api.securitycenter.microsoft.com", "https://x/?a=b", "api"]
+    "url",
+    [
+        "http://10.0.0.5",
+        "ftp://x",
+        "https://user:pw@api.securitycenter.microsoft.com",
+        "https://x/?a=b",
+        "api",
+    ],
 )
 def test_unsafe_base_urls_are_refused(url: str) -> None:
     with pytest.raises(SettingsError, match="DEFENDER_API_BASE_URL"):
