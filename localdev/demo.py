@@ -8,6 +8,7 @@ HTTP and prints what happens to each. `--serve` keeps everything running for you
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -32,13 +33,16 @@ def say(text: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--serve", action="store_true", help="keep running after the samples (Ctrl-C stops)")
     parser.add_argument("--port", type=int, default=7071, help="local host HTTP port (default 7071)")
     args = parser.parse_args(argv)
 
     with Azurite() as azurite, IdentityEndpoint() as identity, DefenderSimulator() as defender:
-        say(f"Azurite on ports {azurite.ports}, identity endpoint {identity.url}, Defender simulator {defender.url}")
+        say(f"Azurite on ports {azurite.ports}")
+        say(f"Managed-identity endpoint {identity.url}; Defender simulator {defender.url}")
         env = {
             **os.environ,
             **json.loads((ROOT / "local.settings.sample.json").read_text())["Values"],
@@ -66,13 +70,12 @@ def main(argv: list[str] | None = None) -> int:
                 say(
                     "Serving. Try:\n"
                     f"    curl -i -X POST '{base}/api/offboard?code={LOCAL_FUNCTION_KEY}' \\\n"
-                    f"         -H 'Content-Type: application/json' -d '{{\"machineId\": \"{SAMPLE_MACHINE}\"}}'\n"
+                    "         -H 'Content-Type: application/json' \\\n"
+                    f'         -d \'{{"machineId": "{SAMPLE_MACHINE}"}}\'\n'
                     "    Ctrl-C stops everything."
                 )
-                try:
+                with contextlib.suppress(KeyboardInterrupt):
                     host.wait()
-                except KeyboardInterrupt:
-                    pass
         finally:
             host.terminate()
             host.wait(10)
@@ -92,17 +95,21 @@ def run_samples(base: str, defender: DefenderSimulator) -> None:
     print(f"    {response.text}")
     [call] = defender.wait_for_calls(1, SAMPLE_MACHINE)
     print(f"    Defender received: {call.method} {call.path}")
-    print(f"    Content-Type: {call.headers.get('Content-Type')}; Authorization: Bearer <token from the identity endpoint>")
+    print(f"    Content-Type: {call.headers.get('Content-Type')}")
+    print("    Authorization: Bearer <the token the managed-identity endpoint issued>")
     print(f"    Body: {call.body.decode()}")
 
     say(f"Defender throttles machine {THROTTLED_MACHINE} once (429, Retry-After: 3)")
     defender.script(THROTTLED_MACHINE, Reply.error(429, "TooManyRequests", **{"Retry-After": "3"}))
     requests.post(f"{base}/api/offboard", json={"machineId": THROTTLED_MACHINE}, headers=headers, timeout=10)
     first, second = defender.wait_for_calls(2, THROTTLED_MACHINE, timeout=30)
-    print(f"    first call answered 429; re-queued and sent again {second.at - first.at:.1f}s later, answered 201")
+    waited = second.at - first.at
+    print(f"    first call answered 429; re-queued and sent again {waited:.1f}s later, answered 201")
 
     say("Bad input is refused before anything is queued")
-    response = requests.post(f"{base}/api/offboard", json={"machineId": "../admin"}, headers=headers, timeout=10)
+    response = requests.post(
+        f"{base}/api/offboard", json={"machineId": "../admin"}, headers=headers, timeout=10
+    )
     print(f"    {response.status_code} {response.text}")
     time.sleep(0.5)  # let the host's log of the last request reach the terminal first
     say("Done: every request reached a recorded outcome.")

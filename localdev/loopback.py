@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Self
 
 
 class QuietHandler(BaseHTTPRequestHandler):
@@ -53,7 +53,7 @@ class LoopbackServer:
         self._server.shutdown()
         self._server.server_close()
 
-    def __enter__(self) -> LoopbackServer:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -45,14 +45,14 @@ def azurite() -> Iterator[Azurite]:
 @pytest.fixture
 def identity() -> Iterator[IdentityEndpoint]:
     with IdentityEndpoint() as endpoint:
-        yield endpoint  # type: ignore[misc]
+        yield endpoint
 
 
 @pytest.fixture
 def defender(identity: IdentityEndpoint) -> Iterator[DefenderSimulator]:
     # Only tokens the identity endpoint really issued are accepted, as Defender would.
     with DefenderSimulator(accept_token=lambda token: token in identity.tokens) as sim:
-        yield sim  # type: ignore[misc]
+        yield sim
 
 
 @pytest.fixture
