@@ -22,6 +22,7 @@ from typing import Any, cast
 from .loopback import LoopbackServer, QuietHandler
 
 _OFFBOARD = re.compile(r"/api/machines/([^/]+)/offboard")
+_ACTION = re.compile(r"/api/machineactions/([^/]+)(/cancel)?")
 _MACHINE_ID = re.compile(r"[0-9a-f]{40}")
 
 
@@ -59,12 +60,50 @@ class DefenderSimulator(LoopbackServer):
         self.accept_token = accept_token or (lambda token: bool(token))
         self._scripts: dict[str, deque[Reply]] = defaultdict(deque)
         self._lock = threading.Lock()
+        # Statuses successive reads of a MachineAction return; the last one repeats.
+        self.action_progression: list[str] = ["Pending", "InProgress", "Succeeded"]
+        self.actions: dict[str, dict[str, Any]] = {}
+        self._action_reads: dict[str, int] = defaultdict(int)
         super().__init__(_Handler, port)
 
-    def script(self, machine_id: str, *replies: Reply) -> None:
-        """Answer the next calls for `machine_id` with `replies`, in order, then normally."""
+    def script(self, key: str, *replies: Reply) -> None:
+        """Answer the next calls for `key` (a machine id, or an action id for reads and
+        cancels of that action) with `replies`, in order, then normally."""
         with self._lock:
-            self._scripts[machine_id].extend(replies)
+            self._scripts[key].extend(replies)
+
+    def action_calls(self, action_id: str | None = None) -> list[Call]:
+        with self._lock:
+            return [
+                c
+                for c in self.calls
+                if (m := _ACTION.fullmatch(c.path)) and (action_id is None or m.group(1) == action_id)
+            ]
+
+    def new_action(self, machine_id: str, comment: str) -> dict[str, Any]:
+        action = machine_action(machine_id, comment)
+        with self._lock:
+            self.actions[action["id"]] = action
+        return action
+
+    def read_action(self, action_id: str) -> dict[str, Any] | None:
+        with self._lock:
+            action = self.actions.get(action_id)
+            if action is None:
+                return None
+            if action["status"] not in ("Cancelled",):
+                reads = self._action_reads[action_id] = self._action_reads[action_id] + 1
+                action["status"] = self.action_progression[min(reads, len(self.action_progression)) - 1]
+            return dict(action)
+
+    def cancel_action(self, action_id: str, comment: str) -> dict[str, Any] | None:
+        """Cancels a Pending/InProgress action; None if it can't be (unknown or finished)."""
+        with self._lock:
+            action = self.actions.get(action_id)
+            if action is None or action["status"] not in ("Pending", "InProgress"):
+                return None
+            action.update(status="Cancelled", cancellationComment=comment)
+            return dict(action)
 
     def offboard_calls(self, machine_id: str | None = None) -> list[Call]:
         with self._lock:
@@ -124,13 +163,15 @@ class _Handler(QuietHandler):
         sim = cast(DefenderSimulator, self.server.owner)  # type: ignore[attr-defined]
         body = self.read_body()
         sim.record(Call("POST", self.path, dict(self.headers.items()), body, time.time()))
+        if not self._authorised(sim):
+            return None
+        action = _ACTION.fullmatch(self.path)
+        if action and action.group(2):
+            return self._cancel_action(sim, action.group(1), body)
         match = _OFFBOARD.fullmatch(self.path)
         if not match:
             return self._reply(Reply.error(404, "ResourceNotFound", f"no route {self.path}"))
         machine_id = match.group(1)
-        auth = self.headers.get("Authorization", "")
-        if not auth.startswith("Bearer ") or not sim.accept_token(auth.removeprefix("Bearer ")):
-            return self._reply(Reply.error(401, "Unauthorized", "missing or invalid bearer token"))
         scripted = sim.next_scripted(machine_id)
         if scripted is not None:
             return self._reply(scripted)
@@ -146,7 +187,43 @@ class _Handler(QuietHandler):
             return self._reply(Reply.error(400, "InvalidRequestBody", "Comment is required"))
         if not _MACHINE_ID.fullmatch(machine_id):
             return self._reply(Reply.error(404, "NotFound", f"Machine {machine_id} was not found"))
-        self._reply(Reply(201, machine_action(machine_id, comment)))
+        self._reply(Reply(201, sim.new_action(machine_id, comment)))
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server naming
+        sim = cast(DefenderSimulator, self.server.owner)  # type: ignore[attr-defined]
+        sim.record(Call("GET", self.path, dict(self.headers.items()), b"", time.time()))
+        if not self._authorised(sim):
+            return None
+        match = _ACTION.fullmatch(self.path)
+        if not match or match.group(2):
+            return self._reply(Reply.error(404, "ResourceNotFound", f"no route {self.path}"))
+        scripted = sim.next_scripted(match.group(1))
+        if scripted is not None:
+            return self._reply(scripted)
+        action = sim.read_action(match.group(1))
+        if action is None:
+            return self._reply(Reply.error(404, "NotFound", f"MachineAction {match.group(1)} was not found"))
+        return self._reply(Reply(200, action))
+
+    def _cancel_action(self, sim: DefenderSimulator, action_id: str, body: bytes) -> None:
+        scripted = sim.next_scripted(action_id)
+        if scripted is not None:
+            return self._reply(scripted)
+        try:
+            comment = json.loads(body)["Comment"]
+        except (ValueError, KeyError, TypeError):
+            return self._reply(Reply.error(400, "InvalidRequestBody", "Comment is required"))
+        action = sim.cancel_action(action_id, str(comment))
+        if action is None:
+            return self._reply(Reply.error(400, "InvalidRequest", f"action {action_id} cannot be cancelled"))
+        return self._reply(Reply(200, action))
+
+    def _authorised(self, sim: DefenderSimulator) -> bool:
+        auth = self.headers.get("Authorization", "")
+        if auth.startswith("Bearer ") and sim.accept_token(auth.removeprefix("Bearer ")):
+            return True
+        self._reply(Reply.error(401, "Unauthorized", "missing or invalid bearer token"))
+        return False
 
     def _reply(self, reply: Reply) -> None:
         if reply.delay_seconds:

@@ -11,7 +11,7 @@ from urllib.parse import quote
 import requests
 
 from .errors import ConnectionFailed, NoResponse
-from .messages import MACHINE_ID
+from .messages import ACTION_ID, MACHINE_ID
 from .token import TokenProvider
 
 USER_AGENT = "defender-offboard-function/1.0"
@@ -38,12 +38,25 @@ class DefenderClient:
         if not MACHINE_ID.fullmatch(machine_id):
             # Defence in depth: an id reaches a URL path only after this check.
             raise ValueError("machine id must be 40 lowercase hex characters")
-        return self._post(f"/api/machines/{quote(machine_id, safe='')}/offboard", {"Comment": comment})
+        return self._call(
+            "POST", f"/api/machines/{quote(machine_id, safe='')}/offboard", {"Comment": comment}
+        )
 
-    def _post(self, path: str, body: dict[str, str]) -> requests.Response:
+    def get_action(self, action_id: str) -> requests.Response:
+        """GET /api/machineactions/{id}: the current status of one MachineAction."""
+        return self._call("GET", f"/api/machineactions/{_checked_action_id(action_id)}")
+
+    def cancel_action(self, action_id: str, comment: str) -> requests.Response:
+        """POST /api/machineactions/{id}/cancel: stop an action Defender has not carried out yet."""
+        return self._call(
+            "POST", f"/api/machineactions/{_checked_action_id(action_id)}/cancel", {"Comment": comment}
+        )
+
+    def _call(self, method: str, path: str, body: dict[str, str] | None = None) -> requests.Response:
         token = self._tokens.token()
         try:
-            return self._session.post(
+            return self._session.request(
+                method,
                 self._base_url + path,
                 json=body,  # requests sets Content-Type: application/json
                 headers={"Authorization": f"Bearer {token}"},
@@ -58,6 +71,12 @@ class DefenderClient:
             raise NoResponse(f"no answer within {self._timeout[1]:g}s") from exc
         except requests.RequestException as exc:
             raise NoResponse(_short(exc)) from exc
+
+
+def _checked_action_id(action_id: str) -> str:
+    if not ACTION_ID.fullmatch(action_id):
+        raise ValueError("action id must be a GUID")
+    return action_id
 
 
 def _short(exc: BaseException) -> str:

@@ -1,4 +1,4 @@
-"""The HTTP intake: validate an offboard request and put it on the work queue.
+"""The HTTP intake: validate what a caller sent, before anything is stored or queued.
 
 Validation is strict because the request ends in a destructive call: anything that is not
 unmistakably a Defender machine id is refused before it reaches the queue. Unknown fields
@@ -7,15 +7,14 @@ are ignored (callers such as Logic Apps add their own), and that choice is docum
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .messages import OffboardMessage, utc_now_iso
-from .queues import WorkQueue
+from .messages import REQUEST_ID
 
 MAX_BODY_BYTES = 64 * 1024
 MAX_COMMENT_CHARS = 1000
@@ -23,6 +22,8 @@ MAX_COMMENT_CHARS = 1000
 _MACHINE_ID = re.compile(r"[0-9a-fA-F]{40}")
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _CALLER_LIMIT = 200
+MAX_KEY_CHARS = 200
+_KEY = re.compile(rf"[\x20-\x7e]{{1,{MAX_KEY_CHARS}}}")
 
 
 class BadRequest(ValueError):
@@ -37,6 +38,13 @@ class BadRequest(ValueError):
 class OffboardRequest:
     machine_id: str
     comment: str
+    client_request_id: str | None = None
+
+    @property
+    def fingerprint(self) -> str:
+        """What an idempotency key promises stays the same: the machine and the comment."""
+        canonical = json.dumps([self.machine_id, self.comment], separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def parse_offboard_request(body: bytes, default_comment: str) -> OffboardRequest:
@@ -52,20 +60,24 @@ def parse_offboard_request(body: bytes, default_comment: str) -> OffboardRequest
         raise BadRequest("InvalidBody", "the body must be a JSON object")
     return OffboardRequest(
         machine_id=_machine_id(payload.get("machineId")),
-        comment=_comment(payload.get("comment"), default_comment),
+        comment=parse_comment(payload.get("comment"), default_comment),
+        client_request_id=_idempotency_key(payload.get("clientRequestId"), "clientRequestId"),
     )
 
 
-def enqueue(request: OffboardRequest, caller: str, queue: WorkQueue) -> OffboardMessage:
-    message = OffboardMessage(
-        request_id=str(uuid.uuid4()),
-        machine_id=request.machine_id,
-        comment=request.comment,
-        enqueued_at=utc_now_iso(),
-        caller=caller,
-    )
-    queue.send(message)
-    return message
+def idempotency_key(headers: Mapping[str, str], request: OffboardRequest) -> str | None:
+    """The caller's idempotency key: the `Idempotency-Key` header or `clientRequestId`."""
+    header = _idempotency_key(headers.get("idempotency-key"), "Idempotency-Key")
+    if header and request.client_request_id and header != request.client_request_id:
+        raise BadRequest("InvalidIdempotencyKey", "Idempotency-Key and clientRequestId differ; send one")
+    return header or request.client_request_id
+
+
+def parse_request_id(value: str | None) -> str:
+    text = (value or "").lower()
+    if not REQUEST_ID.fullmatch(text):
+        raise BadRequest("InvalidRequestId", "the request id must be the GUID this service returned")
+    return text
 
 
 def caller_of(headers: Mapping[str, str]) -> str:
@@ -91,7 +103,17 @@ def _machine_id(value: Any) -> str:
     return value.lower()
 
 
-def _comment(value: Any, default: str) -> str:
+def _idempotency_key(value: Any, name: str) -> str | None:
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str) or not _KEY.fullmatch(value):
+        raise BadRequest(
+            "InvalidIdempotencyKey", f"{name} must be 1-{MAX_KEY_CHARS} printable ASCII characters"
+        )
+    return value
+
+
+def parse_comment(value: Any, default: str) -> str:
     if value is None:
         return default
     if not isinstance(value, str):

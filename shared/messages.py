@@ -1,7 +1,9 @@
-"""The work-queue message: versioned JSON, strict on the way in.
+"""The work-queue messages: versioned JSON, strict on the way in.
 
-The queue is the product's memory between the HTTP intake and the worker, so a message
-that cannot be understood is never guessed at: it is refused with a reason and poisoned.
+Two types share the queue: `offboard` (call Defender's offboard for a request) and `check`
+(read the resulting MachineAction's status later). The queue is the product's memory
+between the HTTP intake and the worker, so a message that cannot be understood is never
+guessed at: it is refused with a reason and poisoned.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from typing import Any
 
 SCHEMA_VERSION = 1
 MACHINE_ID = re.compile(r"[0-9a-f]{40}")
+# MachineAction ids are GUIDs; they reach a URL path, so nothing else is accepted.
+ACTION_ID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 REQUEST_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
@@ -35,19 +39,17 @@ class OffboardMessage:
         return replace(self, attempt=self.attempt + 1, failures=self.failures + int(failed))
 
     def to_json(self) -> str:
-        body = {"v": SCHEMA_VERSION, **{_camel(k): v for k, v in asdict(self).items()}}
-        return json.dumps(body, separators=(",", ":"))
+        return _dump("offboard", self)
 
     @classmethod
     def from_json(cls, text: str) -> OffboardMessage:
-        try:
-            body = json.loads(text)
-        except ValueError as exc:
-            raise MessageError(f"not JSON: {exc}") from None
-        if not isinstance(body, dict):
-            raise MessageError("not a JSON object")
-        if body.get("v") != SCHEMA_VERSION:
-            raise MessageError(f"unknown schema version {body.get('v')!r}")
+        message = parse_message(text)
+        if not isinstance(message, cls):
+            raise MessageError("not an offboard message")
+        return message
+
+    @classmethod
+    def from_body(cls, body: dict[str, Any]) -> OffboardMessage:
         return cls(
             request_id=_text(body, "requestId", REQUEST_ID),
             machine_id=_text(body, "machineId", MACHINE_ID),
@@ -57,6 +59,57 @@ class OffboardMessage:
             attempt=_count(body, "attempt"),
             failures=_count(body, "failures"),
         )
+
+
+@dataclass(frozen=True)
+class ActionCheckMessage:
+    """Read the status of the MachineAction a request created, `check` times so far."""
+
+    request_id: str
+    machine_id: str
+    action_id: str
+    submitted_at: str  # ISO 8601, UTC: when Defender accepted the offboard
+    check: int = 1
+
+    def to_json(self) -> str:
+        return _dump("check", self)
+
+    @classmethod
+    def from_body(cls, body: dict[str, Any]) -> ActionCheckMessage:
+        return cls(
+            request_id=_text(body, "requestId", REQUEST_ID),
+            machine_id=_text(body, "machineId", MACHINE_ID),
+            action_id=_text(body, "actionId", ACTION_ID),
+            submitted_at=_text(body, "submittedAt"),
+            check=_count(body, "check"),
+        )
+
+
+Message = OffboardMessage | ActionCheckMessage
+_TYPES: dict[str, type[OffboardMessage] | type[ActionCheckMessage]] = {
+    "offboard": OffboardMessage,
+    "check": ActionCheckMessage,
+}
+
+
+def parse_message(text: str) -> Message:
+    try:
+        body = json.loads(text)
+    except ValueError as exc:
+        raise MessageError(f"not JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise MessageError("not a JSON object")
+    if body.get("v") != SCHEMA_VERSION:
+        raise MessageError(f"unknown schema version {body.get('v')!r}")
+    kind = _TYPES.get(body.get("type", "offboard"))
+    if kind is None:
+        raise MessageError(f"unknown message type {body.get('type')!r}")
+    return kind.from_body(body)
+
+
+def _dump(kind: str, message: Message) -> str:
+    body = {"v": SCHEMA_VERSION, "type": kind, **{_camel(k): v for k, v in asdict(message).items()}}
+    return json.dumps(body, separators=(",", ":"))
 
 
 def utc_now_iso() -> str:

@@ -76,11 +76,13 @@ def classify(
     policy: RetryPolicy,
     now: datetime,
     rng: random.Random,
+    permission: str = "Machine.Offboard",
 ) -> Outcome:
-    """Decide what to do with one Defender offboard call.
+    """Decide what to do with one Defender call (the offboard, or a read that serves it).
 
     `failures` is how many transient or configuration failures the request had before
-    this call; it bounds retries so a broken request cannot cycle forever.
+    this call; it bounds retries so a broken request cannot cycle forever. `permission` is
+    the app role a 403 tells the operator to grant.
     """
     if isinstance(result, DefenderCallError):
         if isinstance(result, TokenUnavailable):
@@ -94,7 +96,7 @@ def classify(
         return _transient(type(result).__name__, str(result), failures, policy, rng)
 
     status = result.status_code
-    code, detail = _error_of(result)
+    code, detail = error_of(result)
     if status in (200, 201):
         body = _json_object(result)
         return Succeeded(action=body or {})
@@ -117,7 +119,7 @@ def classify(
         return _configuration(
             code or "Forbidden",
             f"Defender denied the call ({detail or 'no detail'}); grant the managed identity "
-            "the WindowsDefenderATP app role Machine.Offboard, and check device group access",
+            f"the WindowsDefenderATP app role {permission}, and check device group access",
             failures,
             policy,
         )
@@ -182,7 +184,7 @@ def _json_object(response: requests.Response) -> dict[str, Any] | None:
     return body if isinstance(body, dict) else None
 
 
-def _error_of(response: requests.Response) -> tuple[str | None, str]:
+def error_of(response: requests.Response) -> tuple[str | None, str]:
     """Defender's error code and message, from `{"error": {"code", "message"}}`."""
     if response.status_code < 400:
         return None, ""

@@ -15,7 +15,7 @@ from typing import Any
 from azure.core.exceptions import ResourceExistsError
 from azure.storage.queue import QueueClient, TextBase64DecodePolicy, TextBase64EncodePolicy
 
-from .messages import OffboardMessage, utc_now_iso
+from .messages import Message, utc_now_iso
 from .outcome import MAX_DELAY_SECONDS
 
 log = logging.getLogger(__name__)
@@ -47,18 +47,16 @@ class WorkQueue:
     def from_connection_string(cls, connection_string: str, name: str) -> WorkQueue:
         return cls(queue_client(connection_string, name), queue_client(connection_string, f"{name}-poison"))
 
-    def send(self, message: OffboardMessage, delay_seconds: int = 0) -> None:
+    def send(self, message: Message, delay_seconds: int = 0) -> None:
         delay = min(max(0, delay_seconds), MAX_DELAY_SECONDS)
         self._ensure(self._work)
         self._work.send_message(
             message.to_json(), visibility_timeout=delay or None, time_to_live=NEVER_EXPIRE
         )
 
-    def poison(
-        self, message: OffboardMessage | str, code: str, reason: str, status: int | None = None
-    ) -> None:
+    def poison(self, message: Message | str, code: str, reason: str, status: int | None = None) -> None:
         """Park a request that cannot succeed, with why, where an operator will look for it."""
-        original: Any = json.loads(message.to_json()) if isinstance(message, OffboardMessage) else message
+        original: Any = json.loads(message.to_json()) if not isinstance(message, str) else message
         record = {
             "v": 1,
             "failedAt": utc_now_iso(),

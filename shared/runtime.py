@@ -6,42 +6,84 @@ and tests build their own objects from `Settings` instead of touching these.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import lru_cache
 
+from azure.data.tables import TableClient
+
+from .audit import AuditTrail
+from .cancel import Cancellations
 from .defender import DefenderClient
 from .outcome import RetryPolicy
 from .queues import WorkQueue
 from .settings import Settings, get_settings
+from .state import RequestStore
+from .submission import Submissions
 from .token import TokenProvider
-from .worker import Worker
+from .worker import FollowUpPolicy, Worker
 
 
-def build_work_queue(settings: Settings) -> WorkQueue:
-    return WorkQueue.from_connection_string(settings.storage_connection, settings.queue_name)
+@dataclass(frozen=True)
+class Services:
+    """Everything the handlers use, wired from one Settings."""
 
+    settings: Settings
+    queue: WorkQueue
+    store: RequestStore
+    audit: AuditTrail
+    defender: DefenderClient
 
-def build_worker(settings: Settings, queue: WorkQueue) -> Worker:
-    tokens = TokenProvider(settings.defender_scope, settings.managed_identity_client_id)
-    defender = DefenderClient(
-        settings.defender_base_url,
-        tokens,
-        connect_timeout=settings.connect_timeout_seconds,
-        read_timeout=settings.read_timeout_seconds,
-    )
-    policy = RetryPolicy(
-        max_attempts=settings.max_attempts,
-        base_seconds=settings.retry_base_seconds,
-        max_seconds=settings.retry_max_seconds,
-        config_seconds=settings.config_retry_seconds,
-    )
-    return Worker(defender=defender, queue=queue, policy=policy)
+    @classmethod
+    def build(cls, settings: Settings) -> Services:
+        def table(name: str) -> TableClient:
+            return TableClient.from_connection_string(settings.storage_connection, name)
+
+        tokens = TokenProvider(settings.defender_scope, settings.managed_identity_client_id)
+        return cls(
+            settings=settings,
+            queue=WorkQueue.from_connection_string(settings.storage_connection, settings.queue_name),
+            store=RequestStore(table(settings.state_table_name)),
+            audit=AuditTrail(table(settings.audit_table_name)),
+            defender=DefenderClient(
+                settings.defender_base_url,
+                tokens,
+                connect_timeout=settings.connect_timeout_seconds,
+                read_timeout=settings.read_timeout_seconds,
+            ),
+        )
+
+    def worker(self) -> Worker:
+        s = self.settings
+        return Worker(
+            defender=self.defender,
+            queue=self.queue,
+            store=self.store,
+            audit=self.audit,
+            policy=RetryPolicy(
+                max_attempts=s.max_attempts,
+                base_seconds=s.retry_base_seconds,
+                max_seconds=s.retry_max_seconds,
+                config_seconds=s.config_retry_seconds,
+            ),
+            follow_up=FollowUpPolicy(
+                initial_seconds=s.check_initial_seconds,
+                max_seconds=s.check_max_seconds,
+                horizon_seconds=s.check_horizon_seconds,
+            ),
+        )
+
+    def submissions(self) -> Submissions:
+        return Submissions(store=self.store, audit=self.audit, queue=self.queue)
+
+    def cancellations(self) -> Cancellations:
+        return Cancellations(store=self.store, audit=self.audit, defender=self.defender)
 
 
 @lru_cache(maxsize=1)
-def work_queue() -> WorkQueue:
-    return build_work_queue(get_settings())
+def services() -> Services:
+    return Services.build(get_settings())
 
 
 @lru_cache(maxsize=1)
 def worker() -> Worker:
-    return build_worker(get_settings(), work_queue())
+    return services().worker()

@@ -20,6 +20,8 @@ DEFAULT_COMMENT = "Offboarded by automation (Defender offboarding service)"
 _QUEUE_NAME = re.compile(r"[a-z0-9](?:[a-z0-9]|-(?=[a-z0-9])){2,62}")
 # Leaves room for the "-poison" suffix the host appends (63 - 7).
 _MAX_WORK_QUEUE_NAME = 56
+# Table names: 3-63 letters and digits, starting with a letter (Azure's rule).
+_TABLE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9]{2,62}")
 
 T = TypeVar("T")
 
@@ -46,6 +48,11 @@ class Settings:
     config_retry_seconds: float
     connect_timeout_seconds: float
     read_timeout_seconds: float
+    state_table_name: str
+    audit_table_name: str
+    check_initial_seconds: float
+    check_max_seconds: float
+    check_horizon_seconds: float
 
     @property
     def poison_queue_name(self) -> str:
@@ -86,6 +93,13 @@ class Settings:
             "config_retry_seconds": read("OFFBOARD_CONFIG_RETRY_SECONDS", "900", _bounded_float(0, 604_800)),
             "connect_timeout_seconds": read("DEFENDER_CONNECT_TIMEOUT_SECONDS", "5", _bounded_float(0.1, 60)),
             "read_timeout_seconds": read("DEFENDER_READ_TIMEOUT_SECONDS", "30", _bounded_float(0.1, 230)),
+            "state_table_name": read("OFFBOARD_STATE_TABLE_NAME", "offboardrequests", _table_name),
+            "audit_table_name": read("OFFBOARD_AUDIT_TABLE_NAME", "offboardaudit", _table_name),
+            "check_initial_seconds": read("OFFBOARD_CHECK_INITIAL_SECONDS", "60", _bounded_float(1, 86_400)),
+            "check_max_seconds": read("OFFBOARD_CHECK_MAX_SECONDS", "3600", _bounded_float(1, 604_800)),
+            "check_horizon_seconds": read(
+                "OFFBOARD_CHECK_HORIZON_SECONDS", "259200", _bounded_float(1, 90 * 86_400)
+            ),
         }
         if problems:
             raise SettingsError(problems)
@@ -103,6 +117,14 @@ def _queue_name(raw: str) -> str:
         raise ValueError(
             f"{raw!r} is not a valid queue name (3-{_MAX_WORK_QUEUE_NAME} lowercase letters, "
             "digits or single hyphens, starting and ending with a letter or digit)"
+        )
+    return raw
+
+
+def _table_name(raw: str) -> str:
+    if not _TABLE_NAME.fullmatch(raw) or raw.lower() == "tables":
+        raise ValueError(
+            f"{raw!r} is not a valid table name (3-63 letters and digits, starting with a letter)"
         )
     return raw
 

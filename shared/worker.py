@@ -1,49 +1,81 @@
-"""The queue worker: one message in, one Defender call, one recorded outcome.
+"""The queue worker: one message in, at most one Defender call, one recorded outcome.
 
-A message leaves this function in exactly one of three ways: the request succeeded, a new
-(possibly delayed) message carries it on, or a poison record says why it failed. If any of
-the writes that make that true fails, the exception propagates and the host redelivers the
-original message (at-least-once), so nothing is lost between the two.
+An offboard message leaves this function in exactly one of three ways: the request was
+submitted (and a delayed status check is queued), a new (possibly delayed) message carries
+it on, or it failed and a poison record says why. If a write that makes that true fails,
+the exception propagates and the host redelivers the original message (at-least-once).
+
+Queues deliver at least once, so before calling Defender the worker claims the request's
+state row with its ETag: a second delivery of a request that was already sent, a stale copy
+of an earlier attempt, or a worker that lost the race to claim makes no call at all.
 """
 
 from __future__ import annotations
 
 import logging
 import random
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import requests
+from azure.core.exceptions import AzureError, ResourceExistsError
 
+from . import audit
+from .audit import AuditTrail
 from .defender import DefenderClient
 from .errors import DefenderCallError
-from .messages import MessageError, OffboardMessage
+from .messages import ActionCheckMessage, MessageError, OffboardMessage, parse_message
 from .outcome import Failed, Requeue, RetryKind, RetryPolicy, Succeeded, classify
 from .queues import WorkQueue
+from .state import ACTION_STATUSES, NOT_SENT, TERMINAL, RequestRecord, RequestStore, StaleRecord
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FollowUpPolicy:
+    """When to read an action's status: sparse, because reads spend the same API budget."""
+
+    initial_seconds: float = 60.0
+    max_seconds: float = 3600.0
+    horizon_seconds: float = 3 * 86_400.0  # offline devices stay Pending for days
+
+    def delay(self, check: int) -> int:
+        return int(min(self.max_seconds, self.initial_seconds * 2.0 ** min(check - 1, 30)))
 
 
 @dataclass
 class Worker:
     defender: DefenderClient
     queue: WorkQueue
+    store: RequestStore
+    audit: AuditTrail
     policy: RetryPolicy
+    follow_up: FollowUpPolicy = field(default_factory=FollowUpPolicy)
     rng: random.Random = field(default_factory=random.Random)
     clock: Callable[[], datetime] = lambda: datetime.now(UTC)
 
-    def handle(self, body: bytes) -> None:
+    def handle(self, body: bytes, message_id: str) -> None:
         try:
-            message = OffboardMessage.from_json(body.decode("utf-8"))
+            message = parse_message(body.decode("utf-8"))
         except (UnicodeDecodeError, MessageError) as exc:
             text = body.decode("utf-8", errors="replace")
             self.queue.poison(text, "MalformedMessage", str(exc))
             log.error("Poisoned an unreadable queue message without calling Defender: %s", exc)
             return
-        self.process(message)
+        if isinstance(message, ActionCheckMessage):
+            self.check(message)
+        else:
+            self.process(message, message_id)
 
-    def process(self, message: OffboardMessage) -> None:
+    # ---- offboard -----------------------------------------------------------------------
+
+    def process(self, message: OffboardMessage, message_id: str | None = None) -> None:
+        record = self._claim(message, message_id or str(uuid.uuid4()))
+        if record is None:
+            return
         try:
             result: requests.Response | DefenderCallError = self.defender.offboard(
                 message.machine_id, message.comment
@@ -51,39 +83,247 @@ class Worker:
         except DefenderCallError as exc:
             result = exc
         outcome = classify(
+            result, failures=message.failures, policy=self.policy, now=self.clock(), rng=self.rng
+        )
+        if isinstance(outcome, Succeeded):
+            self._submitted(record, message, outcome)
+        elif isinstance(outcome, Requeue):
+            self._requeue(record, message, outcome)
+        else:
+            self._fail(record, message, outcome)
+
+    def _claim(self, message: OffboardMessage, message_id: str) -> RequestRecord | None:
+        """The request's row, claimed for this delivery; None when no call must be made."""
+        record = self.store.get(message.request_id) or self._adopt(message)
+        why_not = None
+        if record.status == "Failed" and record.claimed_by == message_id:
+            # This very delivery failed the request but did not get to poison it.
+            self.queue.poison(message, record.last_error_code or "Failed", record.last_error_message or "")
+            why_not = "already failed; poisoned now"
+        elif record.status not in NOT_SENT:
+            why_not = f"already {record.status}"
+        elif message.attempt < record.attempt:
+            why_not = f"stale attempt {message.attempt}, the request is at attempt {record.attempt}"
+        elif (
+            record.claim_is_live(self.clock())
+            and record.claimed_by != message_id
+            and (record.claimed_attempt or 0) >= message.attempt
+        ):
+            why_not = "another worker is sending it now"
+        if why_not is None:
+            try:
+                return self.store.update(
+                    record,
+                    attempt=message.attempt,
+                    claimed_by=message_id,
+                    claimed_attempt=message.attempt,
+                    claimed_at=self.clock().isoformat(),
+                )
+            except StaleRecord:
+                why_not = "another worker claimed it first"
+        log.info(
+            "No Defender call for request %s machine %s attempt %d: %s",
+            message.request_id,
+            message.machine_id,
+            message.attempt,
+            why_not,
+        )
+        self.audit.try_record(
+            audit.DUPLICATE, request_id=message.request_id, machine_id=message.machine_id, detail=why_not
+        )
+        return None
+
+    def _adopt(self, message: OffboardMessage) -> RequestRecord:
+        """A message with no state row (sent by hand, or by a version before state existed)."""
+        record = RequestRecord(
+            request_id=message.request_id,
+            machine_id=message.machine_id,
+            caller=message.caller,
+            comment=message.comment,
+            attempt=message.attempt,
+            created_at=message.enqueued_at,
+        )
+        try:
+            return self.store.create(record)
+        except ResourceExistsError:
+            return self.store.get(message.request_id) or record
+
+    def _submitted(self, record: RequestRecord, message: OffboardMessage, outcome: Succeeded) -> None:
+        status = "Pending" if outcome.already_pending else "Submitted"
+        action_id = outcome.action_id
+        if action_id:
+            # Queued before the row changes: if the row write fails, the redelivered message
+            # finds Defender's ActiveRequestAlreadyExists, and the check still runs.
+            check = ActionCheckMessage(
+                request_id=record.request_id,
+                machine_id=record.machine_id,
+                action_id=action_id,
+                submitted_at=self.clock().isoformat(timespec="seconds"),
+            )
+            self.queue.send(check, self.follow_up.delay(1))
+        self.store.update(
+            record,
+            status=status,
+            action_id=action_id,
+            follow_up="Scheduled" if action_id else None,
+            next_attempt_at=None,
+            last_error_code=None,
+            last_error_message=None,
+            **_NO_CLAIM,
+        )
+        detail = f"action {action_id}" if action_id else "an offboard was already pending in Defender"
+        self.audit.try_record(
+            audit.SUBMITTED,
+            request_id=record.request_id,
+            machine_id=record.machine_id,
+            outcome=status,
+            detail=detail,
+        )
+        log.info(
+            "Offboard %s: request %s machine %s attempt %d action %s",
+            status.lower(),
+            record.request_id,
+            record.machine_id,
+            message.attempt,
+            action_id,
+        )
+
+    def _requeue(self, record: RequestRecord, message: OffboardMessage, outcome: Requeue) -> None:
+        following = message.next_attempt(failed=outcome.kind is not RetryKind.THROTTLED)
+        self.queue.send(following, outcome.delay_seconds)
+        throttled = outcome.kind is RetryKind.THROTTLED
+        try:
+            self.store.update(
+                record,
+                status="Throttled" if throttled else "Queued",
+                attempt=following.attempt,
+                next_attempt_at=(self.clock() + timedelta(seconds=outcome.delay_seconds)).isoformat(
+                    timespec="seconds"
+                ),
+                last_error_code=outcome.code,
+                last_error_message=outcome.message,
+                **_NO_CLAIM,
+            )
+        except (StaleRecord, AzureError):
+            # The next message is already queued and supersedes this attempt; raising now
+            # would only send a duplicate.
+            log.warning(
+                "Could not record the retry of request %s; its next attempt carries on", record.request_id
+            )
+        self.audit.try_record(
+            audit.THROTTLED if throttled else audit.RETRYING,
+            request_id=record.request_id,
+            machine_id=record.machine_id,
+            outcome=outcome.code,
+            detail=f"{outcome.message} (attempt {message.attempt}; next in {outcome.delay_seconds}s)",
+        )
+        level = logging.ERROR if outcome.kind is RetryKind.CONFIGURATION else logging.WARNING
+        log.log(
+            level,
+            "Offboard %s (%s: %s): request %s machine %s attempt %d, retrying in %ds",
+            outcome.kind.value.lower(),
+            outcome.code,
+            outcome.message,
+            record.request_id,
+            record.machine_id,
+            message.attempt,
+            outcome.delay_seconds,
+        )
+
+    def _fail(self, record: RequestRecord, message: OffboardMessage, outcome: Failed) -> None:
+        # Recorded first, with the reason, then poisoned. The claim stays on the row so a
+        # redelivery of this message knows it only has to finish the poisoning.
+        self.store.update(
+            record, status="Failed", last_error_code=outcome.code, last_error_message=outcome.message
+        )
+        self.audit.record(
+            audit.FAILED,
+            request_id=record.request_id,
+            machine_id=record.machine_id,
+            outcome=outcome.code,
+            detail=outcome.message,
+        )
+        self.queue.poison(message, outcome.code, outcome.message, outcome.status)
+        log.error(
+            "Offboard failed permanently (%s: %s): request %s machine %s attempt %d",
+            outcome.code,
+            outcome.message,
+            record.request_id,
+            record.machine_id,
+            message.attempt,
+        )
+
+    # ---- follow-up of the MachineAction -------------------------------------------------
+
+    def check(self, message: ActionCheckMessage) -> None:
+        record = self.store.get(message.request_id)
+        if record is None:
+            self.queue.poison(message, "UnknownRequest", "no state row for this request")
+            return
+        if record.status in TERMINAL:
+            log.info("Follow-up of request %s ends: it is %s", record.request_id, record.status)
+            return
+        try:
+            result: requests.Response | DefenderCallError = self.defender.get_action(message.action_id)
+        except DefenderCallError as exc:
+            result = exc
+        outcome = classify(
             result,
-            failures=message.failures,
+            failures=0,
             policy=self.policy,
             now=self.clock(),
             rng=self.rng,
+            permission="Machine.Read.All",
         )
-        ids = (message.request_id, message.machine_id, message.attempt)
-        if isinstance(outcome, Succeeded):
-            log.info(
-                "Offboard %s: request %s machine %s attempt %d action %s",
-                "already pending" if outcome.already_pending else "submitted",
-                *ids,
-                outcome.action_id,
+        if isinstance(outcome, Requeue):
+            self._schedule_check(record, message, outcome.delay_seconds)
+            return
+        if isinstance(outcome, Failed):
+            self._stop_follow_up(record, f"reading action {message.action_id} failed: {outcome.code}")
+            return
+        status = outcome.action.get("status")
+        if status not in ACTION_STATUSES:
+            self._stop_follow_up(record, f"Defender returned an unknown action status {status!r}")
+            return
+        if status != record.status:
+            record = self.store.update(
+                record, status=status, follow_up="Scheduled" if status not in TERMINAL else None
             )
-        elif isinstance(outcome, Requeue):
-            self.queue.send(
-                message.next_attempt(failed=outcome.kind is not RetryKind.THROTTLED), outcome.delay_seconds
+            self.audit.record(
+                audit.STATUS_CHANGED,
+                request_id=record.request_id,
+                machine_id=record.machine_id,
+                outcome=status,
+                detail=f"action {message.action_id}",
             )
-            level = logging.ERROR if outcome.kind is RetryKind.CONFIGURATION else logging.WARNING
-            log.log(
-                level,
-                "Offboard %s (%s: %s): request %s machine %s attempt %d, retrying in %ds",
-                outcome.kind.value.lower(),
-                outcome.code,
-                outcome.message,
-                *ids,
-                outcome.delay_seconds,
-            )
-        elif isinstance(outcome, Failed):
-            self.queue.poison(message, outcome.code, outcome.message, outcome.status)
-            log.error(
-                "Offboard failed permanently (%s: %s): request %s machine %s attempt %d",
-                outcome.code,
-                outcome.message,
-                *ids,
-            )
+            log.info("Request %s machine %s is now %s", record.request_id, record.machine_id, status)
+        if status not in TERMINAL:
+            self._schedule_check(record, message, self.follow_up.delay(message.check + 1))
+
+    def _schedule_check(self, record: RequestRecord, message: ActionCheckMessage, delay: int) -> None:
+        horizon = datetime.fromisoformat(message.submitted_at) + timedelta(
+            seconds=self.follow_up.horizon_seconds
+        )
+        if self.clock() + timedelta(seconds=delay) > horizon:
+            self._stop_follow_up(record, f"still {record.status} at the follow-up horizon")
+            return
+        following = ActionCheckMessage(
+            request_id=message.request_id,
+            machine_id=message.machine_id,
+            action_id=message.action_id,
+            submitted_at=message.submitted_at,
+            check=message.check + 1,
+        )
+        self.queue.send(following, delay)
+
+    def _stop_follow_up(self, record: RequestRecord, why: str) -> None:
+        self.store.update(record, follow_up="Stopped")
+        self.audit.record(
+            audit.FOLLOW_UP_STOPPED, request_id=record.request_id, machine_id=record.machine_id, detail=why
+        )
+        log.warning(
+            "Follow-up of request %s machine %s stopped: %s", record.request_id, record.machine_id, why
+        )
+
+
+_NO_CLAIM: dict[str, None] = {"claimed_by": None, "claimed_attempt": None, "claimed_at": None}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -27,12 +28,13 @@ from localdev.defender_sim import DefenderSimulator
 from localdev.host import LOCAL_FUNCTION_KEY
 from localdev.identity import IdentityEndpoint
 from shared.messages import OffboardMessage
-from shared.queues import WorkQueue
-from shared.runtime import build_worker
+from shared.runtime import Services
 from shared.settings import Settings
 from shared.worker import Worker
 
 ROOT = Path(__file__).resolve().parent.parent
+# The SDKs log every HTTP exchange at INFO; the app's own records are what tests read.
+logging.getLogger("azure").setLevel(logging.WARNING)
 MACHINE = "1e5bc9d7e413ddd7902c2932e418702b84d0cc07"  # the id in the API reference example
 
 
@@ -68,6 +70,10 @@ def app_env(
     return {
         "AzureWebJobsStorage": azurite.connection_string,
         "OFFBOARD_QUEUE_NAME": queue_name,
+        "OFFBOARD_STATE_TABLE_NAME": f"{queue_name}state",
+        "OFFBOARD_AUDIT_TABLE_NAME": f"{queue_name}audit",
+        "OFFBOARD_CHECK_INITIAL_SECONDS": "1",
+        "OFFBOARD_CHECK_MAX_SECONDS": "2",
         "DEFENDER_API_BASE_URL": defender.url,
         "DEFENDER_API_SCOPE": "https://api.securitycenter.microsoft.com/.default",
         "OFFBOARD_MAX_ATTEMPTS": "3",
@@ -81,19 +87,27 @@ def app_env(
 
 
 @pytest.fixture
-def make_worker(app_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Callable[..., Worker]:
-    """A worker built exactly as the app builds it, in this process, with setting overrides."""
+def make_services(app_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Callable[..., Services]:
+    """The app's services built exactly as the app builds them, in this process."""
 
-    def make(**overrides: str) -> Worker:
+    def make(**overrides: str) -> Services:
         env = {**app_env, **overrides}
         for name in ("IDENTITY_ENDPOINT", "IDENTITY_HEADER"):
             monkeypatch.setenv(name, env[name])  # read by ManagedIdentityCredential
-        settings = Settings.from_env(env)
-        return build_worker(
-            settings, WorkQueue.from_connection_string(settings.storage_connection, settings.queue_name)
-        )
+        return Services.build(Settings.from_env(env))
 
     return make
+
+
+@pytest.fixture
+def services(make_services: Callable[..., Services]) -> Services:
+    return make_services()
+
+
+@pytest.fixture
+def make_worker(make_services: Callable[..., Services]) -> Callable[..., Worker]:
+    """A worker built exactly as the app builds it, with setting overrides."""
+    return lambda **overrides: make_services(**overrides).worker()
 
 
 @dataclass
@@ -157,6 +171,10 @@ class RunningHost:
             data = json.dumps(body).encode()
             headers.setdefault("Content-Type", "application/json")
         return requests.post(self.url + path, data=data, headers=headers, timeout=10, **kwargs)
+
+    def get(self, path: str, **kwargs: Any) -> requests.Response:
+        headers = {"x-functions-key": LOCAL_FUNCTION_KEY, **kwargs.pop("headers", {})}
+        return requests.get(self.url + path, headers=headers, timeout=10, **kwargs)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from shared.messages import MessageError, OffboardMessage
+from shared.messages import ActionCheckMessage, MessageError, OffboardMessage, parse_message
 from tests.conftest import offboard_message
 
 
@@ -15,9 +15,10 @@ def test_round_trip() -> None:
 
 def test_wire_format_is_versioned_camel_case_json() -> None:
     body = json.loads(offboard_message().to_json())
-    assert body["v"] == 1
+    assert body["v"] == 1 and body["type"] == "offboard"
     assert set(body) == {
         "v",
+        "type",
         "requestId",
         "machineId",
         "comment",
@@ -66,3 +67,29 @@ def test_malformed_fields_are_refused(field: str, value: object) -> None:
     body[field] = value
     with pytest.raises(MessageError, match=field):
         OffboardMessage.from_json(json.dumps(body))
+
+
+def test_check_message_round_trip() -> None:
+    check = ActionCheckMessage(
+        request_id="6fa240ec-e2bc-4e35-a722-2edb01bb2028",
+        machine_id="1e5bc9d7e413ddd7902c2932e418702b84d0cc07",
+        action_id="b0567586-e668-458b-85d1-ab5f28199586",
+        submitted_at="2026-11-23T10:00:00+00:00",
+        check=2,
+    )
+    assert parse_message(check.to_json()) == check
+
+
+def test_a_message_without_a_type_is_an_offboard() -> None:
+    body = json.loads(offboard_message().to_json())
+    del body["type"]
+    assert isinstance(parse_message(json.dumps(body)), OffboardMessage)
+
+
+def test_unknown_type_and_unsafe_action_id_are_refused() -> None:
+    body = json.loads(offboard_message().to_json())
+    with pytest.raises(MessageError, match="unknown message type 'wipe'"):
+        parse_message(json.dumps({**body, "type": "wipe"}))
+    check = {**body, "type": "check", "actionId": "../cancel", "submittedAt": "x", "check": 1}
+    with pytest.raises(MessageError, match="actionId"):
+        parse_message(json.dumps(check))

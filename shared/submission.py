@@ -1,0 +1,141 @@
+"""Accepting a validated offboard request: state row, audit, queue, and the answer.
+
+Two guards stop one intent from becoming two destructive calls before anything is queued:
+a machine that already has an unfinished request gets that request back (a playbook that
+fired twice), and a replayed idempotency key gets the answer it got the first time.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from azure.core.exceptions import AzureError
+
+from . import audit
+from .audit import AuditTrail
+from .intake import BadRequest, OffboardRequest
+from .messages import OffboardMessage, utc_now_iso
+from .queues import WorkQueue
+from .state import RequestRecord, RequestStore, StaleRecord
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Answer:
+    status: int
+    body: dict[str, Any]
+
+
+@dataclass
+class Submissions:
+    store: RequestStore
+    audit: AuditTrail
+    queue: WorkQueue
+
+    def submit(
+        self,
+        request: OffboardRequest,
+        caller: str,
+        status_url: Callable[[str], str],
+        idempotency_key: str | None = None,
+    ) -> Answer:
+        if idempotency_key:
+            replay = self._replay(idempotency_key, request)
+            if replay:
+                return replay
+        answer = self._submit(request, caller, status_url)
+        if idempotency_key and not self.store.remember_answer(
+            idempotency_key, request.fingerprint, answer.status, answer.body
+        ):
+            # The same key arrived twice at once and the other one stored its answer first.
+            return self._replay(idempotency_key, request) or answer
+        return answer
+
+    def _replay(self, key: str, request: OffboardRequest) -> Answer | None:
+        remembered = self.store.recall_answer(key)
+        if remembered is None:
+            return None
+        fingerprint, status, body = remembered
+        if fingerprint != request.fingerprint:
+            raise BadRequest(
+                "IdempotencyKeyReused",
+                "this idempotency key was already used for a different request (machine or comment)",
+                422,
+            )
+        return Answer(status, {**body, "replayed": True})
+
+    def _submit(self, request: OffboardRequest, caller: str, status_url: Callable[[str], str]) -> Answer:
+        request_id = str(uuid.uuid4())
+        existing_id = self.store.claim_machine(request.machine_id, request_id)
+        if existing_id:
+            existing = self.store.get(existing_id)
+            self.audit.record(
+                audit.DUPLICATE,
+                request_id=existing_id,
+                machine_id=request.machine_id,
+                caller=caller,
+                detail="another request for this machine arrived; nothing new was queued",
+            )
+            log.info("Machine %s already has request %s; nothing queued", request.machine_id, existing_id)
+            return Answer(
+                202,
+                {
+                    "requestId": existing_id,
+                    "machineId": request.machine_id,
+                    "status": existing.status if existing else "Queued",
+                    "statusUrl": status_url(existing_id),
+                    "existingRequest": True,
+                    "message": "this machine already has a request in progress; its id is returned "
+                    "and nothing new was queued",
+                },
+            )
+        now = utc_now_iso()
+        record = self.store.create(
+            RequestRecord(
+                request_id=request_id,
+                machine_id=request.machine_id,
+                caller=caller,
+                comment=request.comment,
+                created_at=now,
+            )
+        )
+        self.audit.record(audit.RECEIVED, request_id=request_id, machine_id=request.machine_id, caller=caller)
+        message = OffboardMessage(
+            request_id=request_id,
+            machine_id=request.machine_id,
+            comment=request.comment,
+            enqueued_at=now,
+            caller=caller,
+        )
+        try:
+            self.queue.send(message)
+        except AzureError:
+            # Nothing was queued: say so on the request and free the machine, then let the
+            # caller see a 500 and retry.
+            try:
+                self.store.update(
+                    record,
+                    status="Failed",
+                    last_error_code="EnqueueFailed",
+                    last_error_message="queue unavailable",
+                )
+                self.store.release_machine(request.machine_id, request_id)
+            except (AzureError, StaleRecord):
+                log.exception("Could not mark request %s as not queued", request_id)
+            raise
+        self.audit.record(audit.QUEUED, request_id=request_id, machine_id=request.machine_id, caller=caller)
+        log.info("Offboard request %s queued for machine %s", request_id, request.machine_id)
+        return Answer(
+            202,
+            {
+                "requestId": request_id,
+                "machineId": request.machine_id,
+                "status": "Queued",
+                "statusUrl": status_url(request_id),
+            },
+        )
