@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 # How soon a poller should ask again: soon while queued, rarely once Defender has the action
 # (an offline device can take days).
-POLL_SECONDS = {"Queued": 10, "Throttled": 30}
+POLL_SECONDS = {"Queued": 10, "Throttled": 30, "Held": 300}
 POLL_SECONDS_IN_DEFENDER = 60
 
 
@@ -72,6 +72,29 @@ def offboard_cancel(req: func.HttpRequest) -> func.HttpResponse:
     except intake.BadRequest as exc:
         return error_response(exc.status, exc.code, exc.message)
     return _answer(req, answer)
+
+
+@app.route(route="offboard/held/release", methods=["POST"], auth_level=func.AuthLevel.ADMIN)
+def offboard_release_held(req: func.HttpRequest) -> func.HttpResponse:
+    """Operators only (the master key): release every request the breaker is holding."""
+    try:
+        released = runtime.services().holds().release_all(intake.caller_of(req.headers))
+    except SettingsError as exc:
+        return _misconfigured(exc)
+    return json_response(200, {"released": released, "count": len(released)})
+
+
+@app.route(route="offboard/{requestId}/release", methods=["POST"], auth_level=func.AuthLevel.ADMIN)
+def offboard_release(req: func.HttpRequest) -> func.HttpResponse:
+    """Operators only (the master key): release one held request."""
+    try:
+        request_id = intake.parse_request_id(req.route_params.get("requestId"))
+        state = runtime.services().holds().release(request_id, intake.caller_of(req.headers))
+    except SettingsError as exc:
+        return _misconfigured(exc)
+    except intake.BadRequest as exc:
+        return error_response(exc.status, exc.code, exc.message)
+    return json_response(200, state)
 
 
 @app.queue_trigger(arg_name="msg", queue_name="%OFFBOARD_QUEUE_NAME%", connection="AzureWebJobsStorage")

@@ -23,6 +23,8 @@ from .loopback import LoopbackServer, QuietHandler
 
 _OFFBOARD = re.compile(r"/api/machines/([^/]+)/offboard")
 _ACTION = re.compile(r"/api/machineactions/([^/]+)(/cancel)?")
+_MACHINE = re.compile(r"/api/machines/([^/?]+)")
+_TAGS = re.compile(r"/api/machines/([^/]+)/tags")
 _MACHINE_ID = re.compile(r"[0-9a-f]{40}")
 
 
@@ -63,14 +65,41 @@ class DefenderSimulator(LoopbackServer):
         # Statuses successive reads of a MachineAction return; the last one repeats.
         self.action_progression: list[str] = ["Pending", "InProgress", "Succeeded"]
         self.actions: dict[str, dict[str, Any]] = {}
+        # Machines the tests describe; any other well-formed id is an onboarded Windows 11 PC.
+        self.machines: dict[str, dict[str, Any]] = {}
         self._action_reads: dict[str, int] = defaultdict(int)
         super().__init__(_Handler, port)
 
     def script(self, key: str, *replies: Reply) -> None:
-        """Answer the next calls for `key` (a machine id, or an action id for reads and
-        cancels of that action) with `replies`, in order, then normally."""
+        """Answer the next calls for `key` with `replies`, in order, then normally. Keys: a
+        machine id (its offboard), `machine:<id>` (reading the machine), an action id (reading
+        or cancelling that action)."""
         with self._lock:
             self._scripts[key].extend(replies)
+
+    def add_machine(self, machine_id: str, **fields: Any) -> dict[str, Any]:
+        """Describe a machine (osPlatform, version, osBuild, machineTags, rbacGroupId,
+        onboardingStatus, computerDnsName, aadDeviceId, ...) over the defaults."""
+        machine = {**default_machine(machine_id), **fields}
+        with self._lock:
+            self.machines[machine_id] = machine
+        return machine
+
+    def machine(self, machine_id: str) -> dict[str, Any] | None:
+        with self._lock:
+            if machine_id in self.machines:
+                return dict(self.machines[machine_id])
+        return default_machine(machine_id) if _MACHINE_ID.fullmatch(machine_id) else None
+
+    def machine_calls(self, machine_id: str | None = None) -> list[Call]:
+        with self._lock:
+            return [
+                c
+                for c in self.calls
+                if c.method == "GET"
+                and (m := _MACHINE.fullmatch(c.path))
+                and (machine_id is None or m.group(1) == machine_id)
+            ]
 
     def action_calls(self, action_id: str | None = None) -> list[Call]:
         with self._lock:
@@ -132,6 +161,22 @@ class DefenderSimulator(LoopbackServer):
             return queue.popleft() if queue else None
 
 
+def default_machine(machine_id: str) -> dict[str, Any]:
+    return {
+        "id": machine_id,
+        "computerDnsName": f"host-{machine_id[:8]}.contoso.example",
+        "aadDeviceId": None,
+        "osPlatform": "Windows11",
+        "version": "23H2",
+        "osBuild": 22631,
+        "healthStatus": "Active",
+        "onboardingStatus": "Onboarded",
+        "machineTags": [],
+        "rbacGroupId": 0,
+        "lastSeen": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+    }
+
+
 def machine_action(machine_id: str, comment: str) -> dict[str, Any]:
     now = datetime.now(UTC).isoformat().replace("+00:00", "Z")
     return {
@@ -168,6 +213,9 @@ class _Handler(QuietHandler):
         action = _ACTION.fullmatch(self.path)
         if action and action.group(2):
             return self._cancel_action(sim, action.group(1), body)
+        tags = _TAGS.fullmatch(self.path)
+        if tags:
+            return self._tag(sim, tags.group(1), body)
         match = _OFFBOARD.fullmatch(self.path)
         if not match:
             return self._reply(Reply.error(404, "ResourceNotFound", f"no route {self.path}"))
@@ -194,6 +242,9 @@ class _Handler(QuietHandler):
         sim.record(Call("GET", self.path, dict(self.headers.items()), b"", time.time()))
         if not self._authorised(sim):
             return None
+        machine = _MACHINE.fullmatch(self.path)
+        if machine:
+            return self._get_machine(sim, machine.group(1))
         match = _ACTION.fullmatch(self.path)
         if not match or match.group(2):
             return self._reply(Reply.error(404, "ResourceNotFound", f"no route {self.path}"))
@@ -204,6 +255,29 @@ class _Handler(QuietHandler):
         if action is None:
             return self._reply(Reply.error(404, "NotFound", f"MachineAction {match.group(1)} was not found"))
         return self._reply(Reply(200, action))
+
+    def _get_machine(self, sim: DefenderSimulator, machine_id: str) -> None:
+        scripted = sim.next_scripted(f"machine:{machine_id}")
+        if scripted is not None:
+            return self._reply(scripted)
+        machine = sim.machine(machine_id)
+        if machine is None:
+            return self._reply(Reply.error(404, "NotFound", f"Machine {machine_id} was not found"))
+        return self._reply(Reply(200, machine))
+
+    def _tag(self, sim: DefenderSimulator, machine_id: str, body: bytes) -> None:
+        try:
+            request = json.loads(body)
+            value, action = str(request["Value"]), request["Action"]
+        except (ValueError, KeyError, TypeError):
+            return self._reply(Reply.error(400, "InvalidRequestBody", "Value and Action are required"))
+        machine = sim.machine(machine_id)
+        if machine is None or action not in ("Add", "Remove"):
+            return self._reply(
+                Reply.error(404 if machine is None else 400, "InvalidRequest", "bad tag request")
+            )
+        tags = [t for t in machine["machineTags"] if t != value] + ([value] if action == "Add" else [])
+        return self._reply(Reply(200, sim.add_machine(machine_id, **{**machine, "machineTags": tags})))
 
     def _cancel_action(self, sim: DefenderSimulator, action_id: str, body: bytes) -> None:
         scripted = sim.next_scripted(action_id)

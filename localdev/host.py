@@ -114,6 +114,9 @@ class LocalHost:
             elif isinstance(trigger, QueueTrigger):
                 queue = re.sub(r"%(\w+)%", lambda m: os.environ[m.group(1)], trigger.queue_name)
                 self.queue_triggers.append((name, queue, handler))
+        # As ASP.NET routing does: literal segments win over parameters ("offboard/held/release"
+        # before "offboard/{requestId}/release").
+        self.routes.sort(key=lambda route: route.pattern.pattern.count("(?P<"))
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._http: ThreadingHTTPServer | None = None

@@ -35,6 +35,12 @@ STATUS_CHANGED = "StatusChanged"
 FOLLOW_UP_STOPPED = "FollowUpStopped"
 FAILED = "Failed"
 CANCELLED = "Cancelled"
+HELD = "Held"
+RELEASED = "Released"
+EXPIRED = "Expired"
+PRECHECK = "Prechecked"
+DRY_RUN = "DryRun"
+TAGGED = "Tagged"
 
 
 class AuditTrail:

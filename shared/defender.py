@@ -6,8 +6,6 @@ means is `outcome.classify`'s job.
 
 from __future__ import annotations
 
-from urllib.parse import quote
-
 import requests
 
 from .errors import ConnectionFailed, NoResponse
@@ -35,11 +33,20 @@ class DefenderClient:
 
     def offboard(self, machine_id: str, comment: str) -> requests.Response:
         """POST /api/machines/{id}/offboard, exactly as the API reference shows it."""
-        if not MACHINE_ID.fullmatch(machine_id):
-            # Defence in depth: an id reaches a URL path only after this check.
-            raise ValueError("machine id must be 40 lowercase hex characters")
+        return self._call("POST", self.offboard_path(machine_id), {"Comment": comment})
+
+    @staticmethod
+    def offboard_path(machine_id: str) -> str:
+        return f"/api/machines/{_checked_machine_id(machine_id)}/offboard"
+
+    def get_machine(self, machine_id: str) -> requests.Response:
+        """GET /api/machines/{id}: the machine's platform, tags, group and onboarding status."""
+        return self._call("GET", f"/api/machines/{_checked_machine_id(machine_id)}")
+
+    def add_tag(self, machine_id: str, tag: str) -> requests.Response:
+        """POST /api/machines/{id}/tags: so people can see why a device left Defender."""
         return self._call(
-            "POST", f"/api/machines/{quote(machine_id, safe='')}/offboard", {"Comment": comment}
+            "POST", f"/api/machines/{_checked_machine_id(machine_id)}/tags", {"Value": tag, "Action": "Add"}
         )
 
     def get_action(self, action_id: str) -> requests.Response:
@@ -71,6 +78,13 @@ class DefenderClient:
             raise NoResponse(f"no answer within {self._timeout[1]:g}s") from exc
         except requests.RequestException as exc:
             raise NoResponse(_short(exc)) from exc
+
+
+def _checked_machine_id(machine_id: str) -> str:
+    # Defence in depth: an id reaches a URL path only after this check.
+    if not MACHINE_ID.fullmatch(machine_id):
+        raise ValueError("machine id must be 40 lowercase hex characters")
+    return machine_id
 
 
 def _checked_action_id(action_id: str) -> str:

@@ -39,11 +39,12 @@ class OffboardRequest:
     machine_id: str
     comment: str
     client_request_id: str | None = None
+    dry_run: bool = False
 
     @property
     def fingerprint(self) -> str:
         """What an idempotency key promises stays the same: the machine and the comment."""
-        canonical = json.dumps([self.machine_id, self.comment], separators=(",", ":"))
+        canonical = json.dumps([self.machine_id, self.comment, self.dry_run], separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 
 
@@ -62,6 +63,7 @@ def parse_offboard_request(body: bytes, default_comment: str) -> OffboardRequest
         machine_id=_machine_id(payload.get("machineId")),
         comment=parse_comment(payload.get("comment"), default_comment),
         client_request_id=_idempotency_key(payload.get("clientRequestId"), "clientRequestId"),
+        dry_run=_dry_run(payload.get("dryRun", False)),
     )
 
 
@@ -101,6 +103,12 @@ def _machine_id(value: Any) -> str:
             "machineId must be exactly 40 hexadecimal characters (the Defender device id)",
         )
     return value.lower()
+
+
+def _dry_run(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise BadRequest("InvalidDryRun", "dryRun must be true or false")
+    return value
 
 
 def _idempotency_key(value: Any, name: str) -> str | None:

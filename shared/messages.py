@@ -1,7 +1,8 @@
 """The work-queue messages: versioned JSON, strict on the way in.
 
-Two types share the queue: `offboard` (call Defender's offboard for a request) and `check`
-(read the resulting MachineAction's status later). The queue is the product's memory
+Three types share the queue: `offboard` (call Defender's offboard for a request), `check`
+(read the resulting MachineAction's status later) and `hold-expiry` (expire a request the
+blast-radius breaker held, if nobody released it). The queue is the product's memory
 between the HTTP intake and the worker, so a message that cannot be understood is never
 guessed at: it is refused with a reason and poisoned.
 """
@@ -34,6 +35,7 @@ class OffboardMessage:
     caller: str
     attempt: int = 1  # the delivery this message is for; +1 on every re-queue
     failures: int = 0  # transient and configuration failures so far (429s don't count)
+    dry_run: bool = False  # everything but the offboard call itself
 
     def next_attempt(self, *, failed: bool) -> OffboardMessage:
         return replace(self, attempt=self.attempt + 1, failures=self.failures + int(failed))
@@ -58,6 +60,7 @@ class OffboardMessage:
             caller=_text(body, "caller"),
             attempt=_count(body, "attempt"),
             failures=_count(body, "failures"),
+            dry_run=_flag(body, "dryRun"),
         )
 
 
@@ -85,10 +88,28 @@ class ActionCheckMessage:
         )
 
 
-Message = OffboardMessage | ActionCheckMessage
-_TYPES: dict[str, type[OffboardMessage] | type[ActionCheckMessage]] = {
+@dataclass(frozen=True)
+class HoldExpiryMessage:
+    """Sent, delayed, when a request is held by the breaker: if still held then, it expires."""
+
+    request_id: str
+    machine_id: str
+
+    def to_json(self) -> str:
+        return _dump("hold-expiry", self)
+
+    @classmethod
+    def from_body(cls, body: dict[str, Any]) -> HoldExpiryMessage:
+        return cls(
+            request_id=_text(body, "requestId", REQUEST_ID), machine_id=_text(body, "machineId", MACHINE_ID)
+        )
+
+
+Message = OffboardMessage | ActionCheckMessage | HoldExpiryMessage
+_TYPES: dict[str, type[OffboardMessage] | type[ActionCheckMessage] | type[HoldExpiryMessage]] = {
     "offboard": OffboardMessage,
     "check": ActionCheckMessage,
+    "hold-expiry": HoldExpiryMessage,
 }
 
 
@@ -127,6 +148,13 @@ def _text(body: dict[str, Any], name: str, pattern: re.Pattern[str] | None = Non
         raise MessageError(f"field {name!r} is missing or not a string")
     if pattern is not None and not pattern.fullmatch(value):
         raise MessageError(f"field {name!r} is malformed")
+    return value
+
+
+def _flag(body: dict[str, Any], name: str) -> bool:
+    value = body.get(name, False)
+    if not isinstance(value, bool):
+        raise MessageError(f"field {name!r} is not true or false")
     return value
 
 

@@ -12,15 +12,18 @@ from functools import lru_cache
 from azure.data.tables import TableClient
 
 from .audit import AuditTrail
+from .breaker import BlastRadiusBreaker
 from .cancel import Cancellations
 from .defender import DefenderClient
+from .guardrails import Protection
+from .holds import Holds
 from .outcome import RetryPolicy
 from .queues import WorkQueue
 from .settings import Settings, get_settings
 from .state import RequestStore
 from .submission import Submissions
 from .token import TokenProvider
-from .worker import FollowUpPolicy, Worker
+from .worker import FollowUpPolicy, Guard, Worker
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,7 @@ class Services:
 
     settings: Settings
     queue: WorkQueue
+    state_table: TableClient
     store: RequestStore
     audit: AuditTrail
     defender: DefenderClient
@@ -39,10 +43,12 @@ class Services:
             return TableClient.from_connection_string(settings.storage_connection, name)
 
         tokens = TokenProvider(settings.defender_scope, settings.managed_identity_client_id)
+        state_table = table(settings.state_table_name)
         return cls(
             settings=settings,
             queue=WorkQueue.from_connection_string(settings.storage_connection, settings.queue_name),
-            store=RequestStore(table(settings.state_table_name)),
+            state_table=state_table,
+            store=RequestStore(state_table),
             audit=AuditTrail(table(settings.audit_table_name)),
             defender=DefenderClient(
                 settings.defender_base_url,
@@ -65,6 +71,13 @@ class Services:
                 max_seconds=s.retry_max_seconds,
                 config_seconds=s.config_retry_seconds,
             ),
+            holds=self.holds(),
+            guard=Guard(
+                precheck=s.precheck,
+                proceed_without_permission=s.precheck_without_permission == "proceed",
+                protection=Protection.of(s.protected_tags, s.protected_group_ids, s.deny_list),
+                tag=s.tag_after_offboard,
+            ),
             follow_up=FollowUpPolicy(
                 initial_seconds=s.check_initial_seconds,
                 max_seconds=s.check_max_seconds,
@@ -73,7 +86,18 @@ class Services:
         )
 
     def submissions(self) -> Submissions:
-        return Submissions(store=self.store, audit=self.audit, queue=self.queue)
+        s = self.settings
+        return Submissions(
+            store=self.store,
+            audit=self.audit,
+            queue=self.queue,
+            breaker=BlastRadiusBreaker(self.state_table, s.breaker_limit, s.breaker_window_seconds),
+            hold_expiry_seconds=int(s.hold_expiry_seconds),
+            dry_run=s.dry_run,
+        )
+
+    def holds(self) -> Holds:
+        return Holds(store=self.store, audit=self.audit, queue=self.queue)
 
     def cancellations(self) -> Cancellations:
         return Cancellations(store=self.store, audit=self.audit, defender=self.defender)

@@ -53,6 +53,16 @@ class Settings:
     check_initial_seconds: float
     check_max_seconds: float
     check_horizon_seconds: float
+    precheck: bool
+    precheck_without_permission: str
+    protected_tags: tuple[str, ...]
+    protected_group_ids: tuple[int, ...]
+    deny_list: tuple[str, ...]
+    dry_run: bool
+    breaker_limit: int
+    breaker_window_seconds: float
+    hold_expiry_seconds: float
+    tag_after_offboard: str | None
 
     @property
     def poison_queue_name(self) -> str:
@@ -100,6 +110,20 @@ class Settings:
             "check_horizon_seconds": read(
                 "OFFBOARD_CHECK_HORIZON_SECONDS", "259200", _bounded_float(1, 90 * 86_400)
             ),
+            "precheck": read("OFFBOARD_PRECHECK", "true", _flag),
+            "precheck_without_permission": read(
+                "OFFBOARD_PRECHECK_WITHOUT_PERMISSION", "refuse", _choice("refuse", "proceed")
+            ),
+            "protected_tags": read("OFFBOARD_PROTECTED_TAGS", "-", _tags),
+            "protected_group_ids": read("OFFBOARD_PROTECTED_GROUP_IDS", "-", _group_ids),
+            "deny_list": read("OFFBOARD_DENY_LIST", "-", _deny_list),
+            "dry_run": read("OFFBOARD_DRY_RUN", "false", _flag),
+            "breaker_limit": read("OFFBOARD_BREAKER_LIMIT", "25", _bounded_int(1, 100_000)),
+            "breaker_window_seconds": read(
+                "OFFBOARD_BREAKER_WINDOW_SECONDS", "3600", _bounded_float(1, 7 * 86_400)
+            ),
+            "hold_expiry_seconds": read("OFFBOARD_HOLD_EXPIRY_SECONDS", "86400", _bounded_float(1, 604_800)),
+            "tag_after_offboard": read("OFFBOARD_TAG_AFTER_SUCCESS", "-", _optional_tag),
         }
         if problems:
             raise SettingsError(problems)
@@ -153,6 +177,68 @@ def _scope(raw: str) -> str:
     if not raw.startswith("https://") or not raw.endswith("/.default"):
         raise ValueError(f"{raw!r} must be an https resource ending in '/.default'")
     return raw
+
+
+# "-" is the default of the list settings: an empty list. An operator clears a list by
+# leaving the setting empty.
+_EMPTY = "-"
+_TAG = re.compile(r"[^\x00-\x1f\x7f,]{1,200}")
+_MACHINE_OR_NAME = re.compile(r"[0-9a-fA-F]{40}|(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?")
+
+
+def _items(raw: str) -> list[str]:
+    return [] if raw == _EMPTY else [item.strip() for item in raw.split(",") if item.strip()]
+
+
+def _flag(raw: str) -> bool:
+    value = raw.lower()
+    if value in ("true", "1", "yes"):
+        return True
+    if value in ("false", "0", "no"):
+        return False
+    raise ValueError(f"{raw!r} is not true or false")
+
+
+def _choice(*choices: str) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        if raw.lower() not in choices:
+            raise ValueError(f"{raw!r} is not one of {', '.join(choices)}")
+        return raw.lower()
+
+    return parse
+
+
+def _tags(raw: str) -> tuple[str, ...]:
+    items = _items(raw)
+    bad = [t for t in items if not _TAG.fullmatch(t)]
+    if bad:
+        raise ValueError(f"{bad[0]!r} is not a machine tag (1-200 characters, no control characters)")
+    return tuple(items)
+
+
+def _optional_tag(raw: str) -> str | None:
+    tags = _tags(raw)
+    if len(tags) > 1:
+        raise ValueError("give one tag")
+    return tags[0] if tags else None
+
+
+def _group_ids(raw: str) -> tuple[int, ...]:
+    try:
+        ids = tuple(int(item) for item in _items(raw))
+    except ValueError:
+        raise ValueError(f"{raw!r} is not a comma-separated list of device group ids (numbers)") from None
+    if any(i < 0 for i in ids):
+        raise ValueError("device group ids are not negative")
+    return ids
+
+
+def _deny_list(raw: str) -> tuple[str, ...]:
+    items = _items(raw)
+    bad = [item for item in items if not _MACHINE_OR_NAME.fullmatch(item)]
+    if bad:
+        raise ValueError(f"{bad[0]!r} is neither a machine id (40 hex) nor a DNS name")
+    return tuple(item.lower() for item in items)
 
 
 def _bounded_int(low: int, high: int) -> Callable[[str], int]:

@@ -6,7 +6,9 @@ One table holds three kinds of row, each in its own partition so no query ever s
 - `PartitionKey="machine-<machineId>", RowKey="active"`: which request currently owns the
   machine, so a second request for it (a playbook that fired twice) finds the first;
 - `PartitionKey="key-<sha256(Idempotency-Key)>", RowKey="answer"`: the answer given to a
-  caller's idempotency key, replayed when the same key comes again.
+  caller's idempotency key, replayed when the same key comes again;
+- `PartitionKey="held", RowKey=<requestId>`: the requests the blast-radius breaker holds;
+- `PartitionKey="breaker"`: the breaker's count (see breaker.py).
 """
 
 from __future__ import annotations
@@ -25,11 +27,12 @@ from azure.data.tables import TableClient, UpdateMode
 
 from .messages import utc_now_iso
 
-# Statuses, as callers see them. Queued and Throttled: not yet accepted by Defender.
-# Submitted, Pending, InProgress: Defender has the action. The rest are final.
+# Statuses, as callers see them. Queued and Throttled: not yet accepted by Defender. Held:
+# stopped by the blast-radius breaker until an operator releases it. Submitted, Pending,
+# InProgress: Defender has the action. The rest are final (DryRun: everything but the call).
 NOT_SENT = frozenset({"Queued", "Throttled"})
 IN_DEFENDER = frozenset({"Submitted", "Pending", "InProgress"})
-TERMINAL = frozenset({"Succeeded", "Failed", "Cancelled", "TimeOut", "Rejected"})
+TERMINAL = frozenset({"Succeeded", "Failed", "Cancelled", "TimeOut", "Rejected", "Expired", "DryRun"})
 # Defender's MachineAction statuses map one to one onto ours.
 ACTION_STATUSES = frozenset({"Pending", "InProgress", "Succeeded", "Failed", "TimeOut", "Cancelled"})
 
@@ -57,6 +60,9 @@ class RequestRecord:
     last_error_code: str | None = None
     last_error_message: str | None = None
     follow_up: str | None = None  # "Scheduled" while checks run; "Stopped" after the horizon
+    dry_run: bool = False
+    would_send: str | None = None  # for a dry run: the call that was not made, as JSON
+    note: str | None = None  # why a request ended as it did, when that is not an error
     claimed_by: str | None = None  # queue message id of the worker calling Defender now
     claimed_attempt: int | None = None
     claimed_at: str | None = None
@@ -92,6 +98,12 @@ class RequestRecord:
             view["lastError"] = {"code": self.last_error_code, "message": self.last_error_message or ""}
         if self.follow_up:
             view["followUp"] = self.follow_up
+        if self.dry_run:
+            view["dryRun"] = True
+        if self.note:
+            view["note"] = self.note
+        if self.would_send:
+            view["wouldSend"] = json.loads(self.would_send)
         return view
 
 
@@ -197,6 +209,22 @@ class RequestStore:
                 self._client().delete_entity(
                     row, etag=row.metadata["etag"], match_condition=MatchConditions.IfNotModified
                 )
+
+    # ---- requests held by the breaker ---------------------------------------------------
+
+    def mark_held(self, request_id: str) -> None:
+        # An index partition, so releasing all held requests reads one partition, not the table.
+        self._client().upsert_entity({"PartitionKey": "held", "RowKey": request_id})
+
+    def held_ids(self) -> list[str]:
+        rows = self._client().query_entities(
+            "PartitionKey eq @p", parameters={"p": "held"}, select=["RowKey"]
+        )
+        return [row["RowKey"] for row in rows]
+
+    def unmark_held(self, request_id: str) -> None:
+        with contextlib.suppress(ResourceNotFoundError):
+            self._client().delete_entity("held", request_id)
 
     # ---- idempotency keys ---------------------------------------------------------------
 

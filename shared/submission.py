@@ -17,8 +17,9 @@ from azure.core.exceptions import AzureError
 
 from . import audit
 from .audit import AuditTrail
+from .breaker import BlastRadiusBreaker
 from .intake import BadRequest, OffboardRequest
-from .messages import OffboardMessage, utc_now_iso
+from .messages import HoldExpiryMessage, OffboardMessage, utc_now_iso
 from .queues import WorkQueue
 from .state import RequestRecord, RequestStore, StaleRecord
 
@@ -36,6 +37,9 @@ class Submissions:
     store: RequestStore
     audit: AuditTrail
     queue: WorkQueue
+    breaker: BlastRadiusBreaker
+    hold_expiry_seconds: int
+    dry_run: bool = False  # OFFBOARD_DRY_RUN: every request is a dry run
 
     def submit(
         self,
@@ -95,6 +99,10 @@ class Submissions:
                 },
             )
         now = utc_now_iso()
+        dry_run = request.dry_run or self.dry_run
+        # Dry runs offboard nothing, so they do not count towards the breaker.
+        admission = None if dry_run else self.breaker.admit()
+        held = admission is not None and not admission.admitted
         record = self.store.create(
             RequestRecord(
                 request_id=request_id,
@@ -102,15 +110,21 @@ class Submissions:
                 caller=caller,
                 comment=request.comment,
                 created_at=now,
+                status="Held" if held else "Queued",
+                dry_run=dry_run,
             )
         )
         self.audit.record(audit.RECEIVED, request_id=request_id, machine_id=request.machine_id, caller=caller)
+        if held:
+            assert admission is not None
+            return self._hold(record, admission.count, status_url)
         message = OffboardMessage(
             request_id=request_id,
             machine_id=request.machine_id,
             comment=request.comment,
             enqueued_at=now,
             caller=caller,
+            dry_run=dry_run,
         )
         try:
             self.queue.send(message)
@@ -130,12 +144,43 @@ class Submissions:
             raise
         self.audit.record(audit.QUEUED, request_id=request_id, machine_id=request.machine_id, caller=caller)
         log.info("Offboard request %s queued for machine %s", request_id, request.machine_id)
+        body = {
+            "requestId": request_id,
+            "machineId": request.machine_id,
+            "status": "Queued",
+            "statusUrl": status_url(request_id),
+        }
+        return Answer(202, {**body, "dryRun": True} if dry_run else body)
+
+    def _hold(self, record: RequestRecord, count: int, status_url: Callable[[str], str]) -> Answer:
+        window = f"{self.breaker.window_seconds:g}s"
+        # An error, not a warning: this is the moment someone must look at what is happening.
+        log.error(
+            "Blast-radius breaker tripped: %d offboards accepted in the last %s (limit %d); request %s "
+            "for machine %s is held until an operator releases it",
+            count,
+            window,
+            self.breaker.limit,
+            record.request_id,
+            record.machine_id,
+        )
+        self.store.mark_held(record.request_id)
+        self.queue.send(HoldExpiryMessage(record.request_id, record.machine_id), self.hold_expiry_seconds)
+        detail = f"breaker: {count} offboards accepted in the last {window} (limit {self.breaker.limit})"
+        self.audit.record(
+            audit.HELD,
+            request_id=record.request_id,
+            machine_id=record.machine_id,
+            caller=record.caller,
+            detail=detail,
+        )
         return Answer(
             202,
             {
-                "requestId": request_id,
-                "machineId": request.machine_id,
-                "status": "Queued",
-                "statusUrl": status_url(request_id),
+                "requestId": record.request_id,
+                "machineId": record.machine_id,
+                "status": "Held",
+                "statusUrl": status_url(record.request_id),
+                "message": f"held by the blast-radius breaker ({detail}); an operator must release it",
             },
         )

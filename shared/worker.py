@@ -12,6 +12,7 @@ of an earlier attempt, or a worker that lost the race to claim makes no call at 
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import uuid
@@ -26,7 +27,9 @@ from . import audit
 from .audit import AuditTrail
 from .defender import DefenderClient
 from .errors import DefenderCallError
-from .messages import ActionCheckMessage, MessageError, OffboardMessage, parse_message
+from .guardrails import Protection, verdict
+from .holds import Holds
+from .messages import ActionCheckMessage, HoldExpiryMessage, MessageError, OffboardMessage, parse_message
 from .outcome import Failed, Requeue, RetryKind, RetryPolicy, Succeeded, classify
 from .queues import WorkQueue
 from .state import ACTION_STATUSES, NOT_SENT, TERMINAL, RequestRecord, RequestStore, StaleRecord
@@ -46,6 +49,16 @@ class FollowUpPolicy:
         return int(min(self.max_seconds, self.initial_seconds * 2.0 ** min(check - 1, 30)))
 
 
+@dataclass(frozen=True)
+class Guard:
+    """The guardrails in front of the offboard call (see guardrails.py and the README)."""
+
+    precheck: bool = True
+    proceed_without_permission: bool = False
+    protection: Protection = field(default_factory=Protection)
+    tag: str | None = None  # added to the machine after a successful offboard
+
+
 @dataclass
 class Worker:
     defender: DefenderClient
@@ -53,7 +66,9 @@ class Worker:
     store: RequestStore
     audit: AuditTrail
     policy: RetryPolicy
+    holds: Holds
     follow_up: FollowUpPolicy = field(default_factory=FollowUpPolicy)
+    guard: Guard = field(default_factory=Guard)
     rng: random.Random = field(default_factory=random.Random)
     clock: Callable[[], datetime] = lambda: datetime.now(UTC)
 
@@ -67,6 +82,8 @@ class Worker:
             return
         if isinstance(message, ActionCheckMessage):
             self.check(message)
+        elif isinstance(message, HoldExpiryMessage):
+            self.holds.expire(message)
         else:
             self.process(message, message_id)
 
@@ -75,6 +92,11 @@ class Worker:
     def process(self, message: OffboardMessage, message_id: str | None = None) -> None:
         record = self._claim(message, message_id or str(uuid.uuid4()))
         if record is None:
+            return
+        if self.guard.precheck and not self._precheck_passes(record, message):
+            return
+        if message.dry_run:
+            self._dry_run(record, message)
             return
         try:
             result: requests.Response | DefenderCallError = self.defender.offboard(
@@ -91,6 +113,114 @@ class Worker:
             self._requeue(record, message, outcome)
         else:
             self._fail(record, message, outcome)
+
+    def _precheck_passes(self, record: RequestRecord, message: OffboardMessage) -> bool:
+        """Reads the machine and applies the guardrails; False when the outcome is recorded."""
+        try:
+            result: requests.Response | DefenderCallError = self.defender.get_machine(message.machine_id)
+        except DefenderCallError as exc:
+            result = exc
+        outcome = classify(
+            result,
+            failures=message.failures,
+            policy=self.policy,
+            now=self.clock(),
+            rng=self.rng,
+            permission="Machine.Read.All",
+        )
+        forbidden = isinstance(result, requests.Response) and result.status_code == 403
+        if forbidden and self.guard.proceed_without_permission:
+            log.warning(
+                "Precheck of machine %s not possible (403: grant Machine.Read.All); proceeding without it "
+                "as OFFBOARD_PRECHECK_WITHOUT_PERMISSION=proceed says",
+                message.machine_id,
+            )
+            return True
+        if forbidden:
+            self._reject(
+                record,
+                "PrecheckNotPermitted",
+                "the precheck could not read the machine (403): grant the app role Machine.Read.All, "
+                "or set OFFBOARD_PRECHECK_WITHOUT_PERMISSION=proceed to offboard without it",
+            )
+            return False
+        if isinstance(outcome, Requeue):
+            self._requeue(record, message, outcome)
+            return False
+        if isinstance(outcome, Failed):
+            self._fail(record, message, outcome)
+            return False
+        refusal = verdict(outcome.action, self.guard.protection)
+        if refusal is None:
+            return True
+        if refusal.done:
+            self.store.update(record, status="Succeeded", note=refusal.message, **_NO_CLAIM)
+            self.audit.record(
+                audit.PRECHECK,
+                request_id=record.request_id,
+                machine_id=record.machine_id,
+                outcome=refusal.code,
+                detail=refusal.message,
+            )
+            log.info("Request %s machine %s: %s", record.request_id, record.machine_id, refusal.message)
+        else:
+            self._reject(record, refusal.code, refusal.message)
+        return False
+
+    def _reject(self, record: RequestRecord, code: str, reason: str) -> None:
+        """A guardrail refused the request: final, recorded, and not poisoned (a replay would be
+        refused again; there is nothing for an operator to fix in the queue)."""
+        self.store.update(
+            record, status="Rejected", last_error_code=code, last_error_message=reason, **_NO_CLAIM
+        )
+        self.audit.record(
+            audit.REJECTED,
+            request_id=record.request_id,
+            machine_id=record.machine_id,
+            outcome=code,
+            detail=reason,
+        )
+        log.warning(
+            "Offboard refused (%s: %s): request %s machine %s",
+            code,
+            reason,
+            record.request_id,
+            record.machine_id,
+        )
+
+    def _dry_run(self, record: RequestRecord, message: OffboardMessage) -> None:
+        would_send = {
+            "method": "POST",
+            "path": self.defender.offboard_path(message.machine_id),
+            "body": {"Comment": message.comment},
+        }
+        self.store.update(record, status="DryRun", would_send=json.dumps(would_send), **_NO_CLAIM)
+        self.audit.record(
+            audit.DRY_RUN,
+            request_id=record.request_id,
+            machine_id=record.machine_id,
+            detail=f"would send POST {would_send['path']}",
+        )
+        log.info("Dry run: request %s machine %s was not offboarded", record.request_id, record.machine_id)
+
+    def _tag(self, record: RequestRecord, tag: str) -> None:
+        """Best effort: a missing tag must not undo or repeat an offboard."""
+        try:
+            response = self.defender.add_tag(record.machine_id, tag)
+            ok = response.status_code in (200, 201)
+            detail = f"tag {tag!r} added" if ok else f"adding tag {tag!r} answered {response.status_code}"
+        except DefenderCallError as exc:
+            ok, detail = False, f"adding tag {tag!r} failed: {exc}"
+        if not ok:
+            log.warning(
+                "Request %s machine %s: %s (needs Machine.ReadWrite.All)",
+                record.request_id,
+                record.machine_id,
+                detail,
+            )
+        self.audit.try_record(
+            audit.TAGGED, request_id=record.request_id, machine_id=record.machine_id, detail=detail
+        )
 
     def _claim(self, message: OffboardMessage, message_id: str) -> RequestRecord | None:
         """The request's row, claimed for this delivery; None when no call must be made."""
@@ -171,6 +301,8 @@ class Worker:
             last_error_message=None,
             **_NO_CLAIM,
         )
+        if self.guard.tag:
+            self._tag(record, self.guard.tag)
         detail = f"action {action_id}" if action_id else "an offboard was already pending in Defender"
         self.audit.try_record(
             audit.SUBMITTED,

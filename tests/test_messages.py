@@ -26,6 +26,7 @@ def test_wire_format_is_versioned_camel_case_json() -> None:
         "caller",
         "attempt",
         "failures",
+        "dryRun",
     }
 
 
