@@ -26,6 +26,7 @@ from .identity import IdentityEndpoint
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_MACHINE = "1e5bc9d7e413ddd7902c2932e418702b84d0cc07"  # from the API reference example
 THROTTLED_MACHINE = "2f6cd0e8f524eee8a13d3a43f529813c95e1dd18"
+MAC_MACHINE = "3a7de1f9a635fff9b24e4b54a63a924da6f2ee29"
 
 
 def say(text: str) -> None:
@@ -50,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
             "AzureWebJobsStorage": azurite.connection_string,
             "DEFENDER_API_BASE_URL": defender.url,
             "OFFBOARD_RETRY_BASE_SECONDS": "2",
+            # Follow the simulated action every second or two instead of every minute.
+            "OFFBOARD_CHECK_INITIAL_SECONDS": "1",
+            "OFFBOARD_CHECK_MAX_SECONDS": "2",
         }
         host = subprocess.Popen(
             [sys.executable, "-m", "localdev.host", "--port", str(args.port)],
@@ -82,6 +86,24 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def follow(base: str, request_id: str, headers: dict[str, str]) -> None:
+    """Poll the status route as a Logic App would, printing each new status."""
+    seen = None
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        response = requests.get(f"{base}/api/offboard/{request_id}", headers=headers, timeout=10)
+        state = response.json()
+        if state["status"] != seen:
+            seen = state["status"]
+            extra = state.get("lastError") or state.get("note") or ""
+            print(
+                f"    GET /api/offboard/{request_id[:8]}...: {response.status_code} {seen} {extra}".rstrip()
+            )
+        if response.status_code == 200:
+            return
+        time.sleep(0.3)
+
+
 def run_samples(base: str, defender: DefenderSimulator) -> None:
     headers = {"x-functions-key": LOCAL_FUNCTION_KEY}
     say(f"POST /api/offboard for machine {SAMPLE_MACHINE}")
@@ -98,6 +120,7 @@ def run_samples(base: str, defender: DefenderSimulator) -> None:
     print(f"    Content-Type: {call.headers.get('Content-Type')}")
     print("    Authorization: Bearer <the token the managed-identity endpoint issued>")
     print(f"    Body: {call.body.decode()}")
+    follow(base, response.json()["requestId"], headers)
 
     say(f"Defender throttles machine {THROTTLED_MACHINE} once (429, Retry-After: 3)")
     defender.script(THROTTLED_MACHINE, Reply.error(429, "TooManyRequests", **{"Retry-After": "3"}))
@@ -105,6 +128,13 @@ def run_samples(base: str, defender: DefenderSimulator) -> None:
     first, second = defender.wait_for_calls(2, THROTTLED_MACHINE, timeout=30)
     waited = second.at - first.at
     print(f"    first call answered 429; re-queued and sent again {waited:.1f}s later, answered 201")
+
+    say(f"A macOS device ({MAC_MACHINE}) is refused by the precheck, before any offboard call")
+    defender.add_machine(MAC_MACHINE, osPlatform="macOS", version="14.1")
+    response = requests.post(
+        f"{base}/api/offboard", json={"machineId": MAC_MACHINE}, headers=headers, timeout=10
+    )
+    follow(base, response.json()["requestId"], headers)
 
     say("Bad input is refused before anything is queued")
     response = requests.post(
