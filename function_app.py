@@ -9,36 +9,33 @@ import logging
 
 import azure.functions as func
 
-from shared import intake, runtime
-from shared.http import error_response, json_response, status_urls
+from shared import callers, intake, runtime
+from shared.callers import reply
+from shared.http import error_response
 from shared.settings import SettingsError, get_settings
 
 app = func.FunctionApp(http_auth_level=func.AuthLevel.FUNCTION)
 log = logging.getLogger(__name__)
 
 
-@app.route(route="offboard", methods=["POST"])
+@app.route(route="offboard", methods=["POST", "OPTIONS"])
 def offboard(req: func.HttpRequest) -> func.HttpResponse:
+    """Every caller format (see shared/callers); OPTIONS is the CloudEvents handshake."""
     try:
         settings = get_settings()
     except SettingsError as exc:
         log.error("Offboard request refused: %s", exc)
         return error_response(500, "ServiceMisconfigured", "the service is misconfigured; see its logs")
+    inbound = callers.Inbound.of(req.method, req.get_body(), req.headers, req.params)
     try:
-        request = intake.parse_offboard_request(req.get_body(), settings.default_comment)
+        recognised = callers.recognise(inbound, settings.default_comment)
     except intake.BadRequest as exc:
         log.warning("Offboard request rejected (%s): %s", exc.code, exc.message)
         return error_response(exc.status, exc.code, exc.message)
-    message = intake.enqueue(request, intake.caller_of(req.headers), runtime.work_queue())
-    log.info("Offboard request %s queued for machine %s", message.request_id, message.machine_id)
-    status_url, location = status_urls(req.url, req.params.get("code"), message.request_id)
-    body = {
-        "requestId": message.request_id,
-        "machineId": message.machine_id,
-        "status": "Queued",
-        "statusUrl": status_url,
-    }
-    return json_response(202, body, headers={"Location": location, "Retry-After": "10"})
+    if isinstance(recognised, callers.Handshake):
+        return reply.handshake_response(recognised)
+    caller = intake.caller_of(req.headers)
+    return reply.items_response(recognised, req.url, req.params.get("code"), caller, runtime.work_queue())
 
 
 @app.queue_trigger(arg_name="msg", queue_name="%OFFBOARD_QUEUE_NAME%", connection="AzureWebJobsStorage")

@@ -4,6 +4,12 @@ It checks what the real service checks (bearer token, JSON content type, a `Comm
 answers with a MachineAction, and can be scripted per machine to answer 429 with
 Retry-After, Defender's 400 error codes, 401, 403, 404, 5xx, or to answer slowly. Every call
 it receives is recorded, so tests assert on the exact request the worker sent.
+
+It also serves `GET /api/machines?$filter=...` for device resolution: an exact `eq` on
+`aadDeviceId` or `computerDnsName` (case-insensitive, as Defender compares them) over the
+machines a test added with `add_machine` (duplicates allowed, for ambiguity). Any other
+filter is refused with 400 as Defender refuses a malformed OData filter. `script(LOOKUP, ...)`
+scripts the lookup's answers.
 """
 
 from __future__ import annotations
@@ -18,11 +24,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, cast
+from urllib.parse import parse_qs, urlsplit
 
 from .loopback import LoopbackServer, QuietHandler
 
 _OFFBOARD = re.compile(r"/api/machines/([^/]+)/offboard")
 _MACHINE_ID = re.compile(r"[0-9a-f]{40}")
+# One comparison of a supported field with one OData string literal ('' is a quote inside).
+_FILTER = re.compile(r"(aadDeviceId|computerDnsName) eq '((?:[^']|'')*)'")
+LOOKUP = "GET /api/machines"  # the script key for device lookups
 
 
 @dataclass(frozen=True)
@@ -59,7 +69,37 @@ class DefenderSimulator(LoopbackServer):
         self.accept_token = accept_token or (lambda token: bool(token))
         self._scripts: dict[str, deque[Reply]] = defaultdict(deque)
         self._lock = threading.Lock()
+        self.machines: list[dict[str, Any]] = []
         super().__init__(_Handler, port)
+
+    def add_machine(
+        self, machine_id: str, computer_dns_name: str, aad_device_id: str | None = None, **fields: Any
+    ) -> dict[str, Any]:
+        """A machine `GET /api/machines` can find; the same name or AAD id twice is allowed."""
+        machine = {
+            "id": machine_id,
+            "computerDnsName": computer_dns_name,
+            "aadDeviceId": aad_device_id,
+            "osPlatform": "Windows11",
+            "healthStatus": "Active",
+            "onboardingStatus": "Onboarded",
+            **fields,
+        }
+        with self._lock:
+            self.machines.append(machine)
+        return machine
+
+    def find(self, field: str, value: str) -> list[dict[str, Any]]:
+        with self._lock:
+            return [
+                m
+                for m in self.machines
+                if isinstance(m.get(field), str) and m[field].lower() == value.lower()
+            ]
+
+    def lookup_calls(self) -> list[Call]:
+        with self._lock:
+            return [c for c in self.calls if c.method == "GET" and urlsplit(c.path).path == "/api/machines"]
 
     def script(self, machine_id: str, *replies: Reply) -> None:
         """Answer the next calls for `machine_id` with `replies`, in order, then normally."""
@@ -120,6 +160,25 @@ def machine_action(machine_id: str, comment: str) -> dict[str, Any]:
 
 
 class _Handler(QuietHandler):
+    def do_GET(self) -> None:  # noqa: N802 - http.server naming
+        sim = cast(DefenderSimulator, self.server.owner)  # type: ignore[attr-defined]
+        sim.record(Call("GET", self.path, dict(self.headers.items()), b"", time.time()))
+        parts = urlsplit(self.path)
+        if parts.path != "/api/machines":
+            return self._reply(Reply.error(404, "ResourceNotFound", f"no route {parts.path}"))
+        auth = self.headers.get("Authorization", "")
+        if not auth.startswith("Bearer ") or not sim.accept_token(auth.removeprefix("Bearer ")):
+            return self._reply(Reply.error(401, "Unauthorized", "missing or invalid bearer token"))
+        scripted = sim.next_scripted(LOOKUP)
+        if scripted is not None:
+            return self._reply(scripted)
+        filters = parse_qs(parts.query).get("$filter", [])
+        match = _FILTER.fullmatch(filters[0]) if len(filters) == 1 else None
+        if not match:
+            return self._reply(Reply.error(400, "InvalidInput", f"unsupported $filter {filters!r}"))
+        field, literal = match.group(1), match.group(2).replace("''", "'")
+        self._reply(Reply(200, {"@odata.context": "machines", "value": sim.find(field, literal)}))
+
     def do_POST(self) -> None:  # noqa: N802 - http.server naming
         sim = cast(DefenderSimulator, self.server.owner)  # type: ignore[attr-defined]
         body = self.read_body()

@@ -38,14 +38,32 @@ class DefenderClient:
         if not MACHINE_ID.fullmatch(machine_id):
             # Defence in depth: an id reaches a URL path only after this check.
             raise ValueError("machine id must be 40 lowercase hex characters")
-        return self._post(f"/api/machines/{quote(machine_id, safe='')}/offboard", {"Comment": comment})
+        return self._send(
+            "POST", f"/api/machines/{quote(machine_id, safe='')}/offboard", body={"Comment": comment}
+        )
 
-    def _post(self, path: str, body: dict[str, str]) -> requests.Response:
+    def find_machines(self, odata_filter: str) -> requests.Response:
+        """GET /api/machines?$filter=... (needs Machine.Read.All); answers `{"value": [...]}`.
+
+        The filter must come from `devices.Lookup.odata_filter()`, which builds it only from
+        validated values; this client sends it as one query parameter, URL-encoded."""
+        return self._send("GET", "/api/machines", params={"$filter": odata_filter})
+
+    def _send(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: dict[str, str] | None = None,
+        params: dict[str, str] | None = None,
+    ) -> requests.Response:
         token = self._tokens.token()
         try:
-            return self._session.post(
+            return self._session.request(
+                method,
                 self._base_url + path,
-                json=body,  # requests sets Content-Type: application/json
+                json=body,  # requests sets Content-Type: application/json when there is one
+                params=params,
                 headers={"Authorization": f"Bearer {token}"},
                 timeout=self._timeout,
                 # A redirect is not part of this API; following one could carry the token

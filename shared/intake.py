@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from .devices import Lookup
 from .messages import OffboardMessage, utc_now_iso
 from .queues import WorkQueue
 
@@ -35,11 +36,25 @@ class BadRequest(ValueError):
 
 @dataclass(frozen=True)
 class OffboardRequest:
-    machine_id: str
+    """One device to offboard: by Defender machine id, or by a lookup the worker resolves."""
+
+    machine_id: str | None
     comment: str
+    lookup: Lookup | None = None
 
 
 def parse_offboard_request(body: bytes, default_comment: str) -> OffboardRequest:
+    payload = read_json(body)
+    if not isinstance(payload, dict):
+        raise BadRequest("InvalidBody", "the body must be a JSON object")
+    return OffboardRequest(
+        machine_id=machine_id_of(payload.get("machineId")),
+        comment=comment_of(payload.get("comment"), default_comment),
+    )
+
+
+def read_json(body: bytes) -> Any:
+    """The body's JSON, after the size and emptiness checks every caller format shares."""
     if len(body) > MAX_BODY_BYTES:
         raise BadRequest("PayloadTooLarge", f"the body is over {MAX_BODY_BYTES} bytes", 413)
     if not body.strip():
@@ -48,12 +63,7 @@ def parse_offboard_request(body: bytes, default_comment: str) -> OffboardRequest
         payload: Any = json.loads(body)
     except (UnicodeDecodeError, ValueError):
         raise BadRequest("InvalidJson", "the body is not valid JSON") from None
-    if not isinstance(payload, dict):
-        raise BadRequest("InvalidBody", "the body must be a JSON object")
-    return OffboardRequest(
-        machine_id=_machine_id(payload.get("machineId")),
-        comment=_comment(payload.get("comment"), default_comment),
-    )
+    return payload
 
 
 def enqueue(request: OffboardRequest, caller: str, queue: WorkQueue) -> OffboardMessage:
@@ -63,6 +73,7 @@ def enqueue(request: OffboardRequest, caller: str, queue: WorkQueue) -> Offboard
         comment=request.comment,
         enqueued_at=utc_now_iso(),
         caller=caller,
+        lookup=request.lookup,
     )
     queue.send(message)
     return message
@@ -78,7 +89,7 @@ def caller_of(headers: Mapping[str, str]) -> str:
     return _printable(f"agent:{agent}") if agent else "unknown"
 
 
-def _machine_id(value: Any) -> str:
+def machine_id_of(value: Any) -> str:
     if value is None:
         raise BadRequest("MissingMachineId", "machineId is required")
     if not isinstance(value, str):
@@ -91,7 +102,7 @@ def _machine_id(value: Any) -> str:
     return value.lower()
 
 
-def _comment(value: Any, default: str) -> str:
+def comment_of(value: Any, default: str) -> str:
     if value is None:
         return default
     if not isinstance(value, str):
@@ -103,5 +114,11 @@ def _comment(value: Any, default: str) -> str:
     return value.strip() or default
 
 
-def _printable(text: str) -> str:
-    return _CONTROL.sub("?", text)[:_CALLER_LIMIT]
+def generated_comment(text: str, default: str) -> str:
+    """A comment this app composes from a caller's fields (incident title, device name): made
+    to fit the comment rules instead of refusing the request for a long incident title."""
+    return _printable(text, MAX_COMMENT_CHARS).strip() or default
+
+
+def _printable(text: str, limit: int = _CALLER_LIMIT) -> str:
+    return _CONTROL.sub("?", text)[:limit]

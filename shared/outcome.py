@@ -76,11 +76,13 @@ def classify(
     policy: RetryPolicy,
     now: datetime,
     rng: random.Random,
+    permission: str = "Machine.Offboard",
 ) -> Outcome:
-    """Decide what to do with one Defender offboard call.
+    """Decide what to do with one Defender call (the offboard, or a device lookup).
 
     `failures` is how many transient or configuration failures the request had before
-    this call; it bounds retries so a broken request cannot cycle forever.
+    this call; it bounds retries so a broken request cannot cycle forever. `permission` is
+    the app role a 403 tells the operator to grant.
     """
     if isinstance(result, DefenderCallError):
         if isinstance(result, TokenUnavailable):
@@ -117,7 +119,7 @@ def classify(
         return _configuration(
             code or "Forbidden",
             f"Defender denied the call ({detail or 'no detail'}); grant the managed identity "
-            "the WindowsDefenderATP app role Machine.Offboard, and check device group access",
+            f"the WindowsDefenderATP app role {permission}, and check device group access",
             failures,
             policy,
         )

@@ -19,8 +19,9 @@ import requests
 from .defender import DefenderClient
 from .errors import DefenderCallError
 from .messages import MessageError, OffboardMessage
-from .outcome import Failed, Requeue, RetryKind, RetryPolicy, Succeeded, classify
+from .outcome import Failed, Outcome, Requeue, RetryKind, RetryPolicy, Succeeded, classify
 from .queues import WorkQueue
+from .resolve import resolve
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,14 @@ class Worker:
         self.process(message)
 
     def process(self, message: OffboardMessage) -> None:
+        if message.machine_id is None:
+            # A request that names its device another way is resolved first; a lookup that
+            # fails or must wait is settled like an offboard call, and is not offboarded.
+            resolved = resolve(self.defender, message, policy=self.policy, now=self.clock(), rng=self.rng)
+            if not isinstance(resolved, OffboardMessage):
+                return self._settle(message, resolved, "Device lookup")
+            message = resolved
+        assert message.machine_id is not None
         try:
             result: requests.Response | DefenderCallError = self.defender.offboard(
                 message.machine_id, message.comment
@@ -57,7 +66,10 @@ class Worker:
             now=self.clock(),
             rng=self.rng,
         )
-        ids = (message.request_id, message.machine_id, message.attempt)
+        self._settle(message, outcome, "Offboard")
+
+    def _settle(self, message: OffboardMessage, outcome: Outcome, step: str) -> None:
+        ids = (message.request_id, message.device, message.attempt)
         if isinstance(outcome, Succeeded):
             log.info(
                 "Offboard %s: request %s machine %s attempt %d action %s",
@@ -72,7 +84,8 @@ class Worker:
             level = logging.ERROR if outcome.kind is RetryKind.CONFIGURATION else logging.WARNING
             log.log(
                 level,
-                "Offboard %s (%s: %s): request %s machine %s attempt %d, retrying in %ds",
+                "%s %s (%s: %s): request %s machine %s attempt %d, retrying in %ds",
+                step,
                 outcome.kind.value.lower(),
                 outcome.code,
                 outcome.message,
@@ -82,7 +95,8 @@ class Worker:
         elif isinstance(outcome, Failed):
             self.queue.poison(message, outcome.code, outcome.message, outcome.status)
             log.error(
-                "Offboard failed permanently (%s: %s): request %s machine %s attempt %d",
+                "%s failed permanently (%s: %s): request %s machine %s attempt %d",
+                step,
                 outcome.code,
                 outcome.message,
                 *ids,
