@@ -9,9 +9,9 @@ import logging
 
 import azure.functions as func
 
-from shared import callers, intake, runtime
+from shared import callers, intake, openapi, runtime
 from shared.callers import reply
-from shared.http import error_response
+from shared.http import error_response, json_response
 from shared.settings import SettingsError, get_settings
 
 app = func.FunctionApp(http_auth_level=func.AuthLevel.FUNCTION)
@@ -36,6 +36,13 @@ def offboard(req: func.HttpRequest) -> func.HttpResponse:
         return reply.handshake_response(recognised)
     caller = intake.caller_of(req.headers)
     return reply.items_response(recognised, req.url, req.params.get("code"), caller, runtime.work_queue())
+
+
+@app.route(route="openapi.json", methods=["GET"])
+def openapi_document(req: func.HttpRequest) -> func.HttpResponse:
+    """The custom connector's OpenAPI 2.0 document. FUNCTION level like everything else: it holds
+    no secret, but anonymous access would tell anyone who finds the host what it can do."""
+    return json_response(200, openapi.document_for(req.url))
 
 
 @app.queue_trigger(arg_name="msg", queue_name="%OFFBOARD_QUEUE_NAME%", connection="AzureWebJobsStorage")
