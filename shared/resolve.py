@@ -95,7 +95,8 @@ def choose(lookup: Lookup, body: dict[str, Any]) -> str | Failed:
         if machine_id.lower() not in candidates:
             candidates.append(machine_id.lower())
     described = f"{field} {lookup.value!r}"
-    if body.get("@odata.nextLink") and candidates:
+    if body.get("@odata.nextLink"):
+        # More than a page matched an exact comparison: whatever it is, it is not one device.
         return Failed("AmbiguousDevice", f"more than one page of Defender machines have {described}")
     if not candidates:
         return Failed("DeviceNotFound", f"no Defender machine has {described}")

@@ -145,3 +145,16 @@ def test_throttled_offboard_after_resolution_does_not_resolve_again(
     assert requeued["resolvedFrom"] == {"by": "deviceName", "value": "pc-1.contoso.com"}
     worker.handle(json.dumps(requeued).encode())
     assert len(defender.lookup_calls()) == 1 and len(defender.offboard_calls()) == 2
+
+
+def test_more_than_one_page_of_matches_is_ambiguous(
+    make_worker: Callable[..., Worker], defender: DefenderSimulator, queues: Queues
+) -> None:
+    page = {
+        "value": [{"id": MACHINE, "computerDnsName": "pc-1.contoso.com"}],
+        "@odata.nextLink": "https://x/next",
+    }
+    defender.script(LOOKUP, Reply(200, page))
+    make_worker().process(by_name("pc-1.contoso.com"))
+    [record] = queues.peek("-poison")
+    assert record["reason"]["code"] == "AmbiguousDevice" and defender.offboard_calls() == []

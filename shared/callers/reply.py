@@ -64,9 +64,14 @@ def items_response(
                     "error": {"code": item.code, "message": item.message},
                 }
             )
+            log.warning(
+                "Offboard %s item %r rejected (%s): %s", recognised.format, item.item, item.code, item.message
+            )
         elif isinstance(item, Ignored):
             ignored += 1
             results.append({"item": item.item, "status": "Ignored", "reason": item.reason})
+            # %r keeps caller text (event types, host names) on one log line.
+            log.info("Offboard %s item %r ignored: %r", recognised.format, item.item, item.reason)
     log.info(
         "Offboard %s payload: %d queued, %d rejected, %d ignored",
         recognised.format,
