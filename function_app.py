@@ -10,7 +10,8 @@ import logging
 
 import azure.functions as func
 
-from shared import audit, intake, runtime
+from shared import audit, callers, intake, openapi, runtime
+from shared.callers import reply
 from shared.http import error_response, json_response, status_urls
 from shared.settings import SettingsError
 from shared.submission import Answer
@@ -18,24 +19,27 @@ from shared.submission import Answer
 app = func.FunctionApp(http_auth_level=func.AuthLevel.FUNCTION)
 log = logging.getLogger(__name__)
 
-# How soon a poller should ask again: soon while queued, rarely once Defender has the action
-# (an offline device can take days).
-POLL_SECONDS = {"Queued": 10, "Throttled": 30, "Held": 300}
-POLL_SECONDS_IN_DEFENDER = 60
 
-
-@app.route(route="offboard", methods=["POST"])
+@app.route(route="offboard", methods=["POST", "OPTIONS"])
 def offboard(req: func.HttpRequest) -> func.HttpResponse:
+    """Every caller format (see shared/callers); OPTIONS is the CloudEvents handshake."""
     caller = intake.caller_of(req.headers)
     try:
         services = runtime.services()
     except SettingsError as exc:
         return _misconfigured(exc)
+    inbound = callers.Inbound.of(req.method, req.get_body(), req.headers, req.params)
     try:
-        request = intake.parse_offboard_request(req.get_body(), services.settings.default_comment)
-        key = intake.idempotency_key(req.headers, request)
-        answer = services.submissions().submit(
-            request, caller, lambda request_id: status_urls(req.url, None, request_id)[0], key
+        recognised = callers.recognise(inbound, services.settings.default_comment)
+        if isinstance(recognised, callers.Handshake):
+            return reply.handshake_response(recognised)
+        submissions = services.submissions()
+        answers = reply.submit_items(
+            recognised,
+            lambda request, key: submissions.submit(
+                request, caller, lambda request_id: status_urls(req.url, None, request_id)[0], key
+            ),
+            intake.idempotency_key(req.headers),
         )
     except intake.BadRequest as exc:
         log.warning("Offboard request rejected (%s): %s", exc.code, exc.message)
@@ -43,7 +47,7 @@ def offboard(req: func.HttpRequest) -> func.HttpResponse:
             audit.REJECTED, request_id=None, caller=caller, outcome=exc.code, detail=exc.message
         )
         return error_response(exc.status, exc.code, exc.message)
-    return _answer(req, answer)
+    return reply.items_response(recognised, answers, req.url, req.params.get("code"))
 
 
 @app.route(route="offboard/{requestId}", methods=["GET"])
@@ -57,7 +61,7 @@ def offboard_status(req: func.HttpRequest) -> func.HttpResponse:
         return error_response(exc.status, exc.code, exc.message)
     if record is None:
         return error_response(404, "RequestNotFound", f"no request {request_id}")
-    return _answer(req, Answer(200 if record.final else 202, record.public()), record.status)
+    return _answer(req, Answer(200 if record.final else 202, record.public()))
 
 
 @app.route(route="offboard/{requestId}/cancel", methods=["POST"])
@@ -97,22 +101,20 @@ def offboard_release(req: func.HttpRequest) -> func.HttpResponse:
     return json_response(200, state)
 
 
+@app.route(route="openapi.json", methods=["GET"])
+def openapi_document(req: func.HttpRequest) -> func.HttpResponse:
+    """The custom connector's OpenAPI 2.0 document. FUNCTION level like everything else: it holds
+    no secret, but anonymous access would tell anyone who finds the host what it can do."""
+    return json_response(200, openapi.document_for(req.url))
+
+
 @app.queue_trigger(arg_name="msg", queue_name="%OFFBOARD_QUEUE_NAME%", connection="AzureWebJobsStorage")
 def offboard_worker(msg: func.QueueMessage) -> None:
     runtime.worker().handle(msg.get_body(), msg.id or "")
 
 
-def _answer(req: func.HttpRequest, answer: Answer, status: str | None = None) -> func.HttpResponse:
-    """A 202 tells a poller where and when to ask next (Logic Apps follows it by itself)."""
-    headers = {}
-    if answer.status == 202:
-        _, location = status_urls(req.url, req.params.get("code"), answer.body["requestId"])
-        state = status or answer.body.get("status", "Queued")
-        headers = {
-            "Location": location,
-            "Retry-After": str(POLL_SECONDS.get(state, POLL_SECONDS_IN_DEFENDER)),
-        }
-    return json_response(answer.status, answer.body, headers)
+def _answer(req: func.HttpRequest, answer: Answer) -> func.HttpResponse:
+    return reply.answer_response(answer, req.url, req.params.get("code"))
 
 
 def _cancel_comment(body: bytes, default: str) -> str:
@@ -124,7 +126,7 @@ def _cancel_comment(body: bytes, default: str) -> str:
         raise intake.BadRequest("InvalidJson", "the body is not valid JSON") from None
     if not isinstance(payload, dict):
         raise intake.BadRequest("InvalidBody", "the body must be a JSON object")
-    return intake.parse_comment(payload.get("comment"), default)
+    return intake.comment_of(payload.get("comment"), default)
 
 
 def _misconfigured(exc: SettingsError) -> func.HttpResponse:

@@ -4,6 +4,12 @@ It checks what the real service checks (bearer token, JSON content type, a `Comm
 answers with a MachineAction, and can be scripted per machine to answer 429 with
 Retry-After, Defender's 400 error codes, 401, 403, 404, 5xx, or to answer slowly. Every call
 it receives is recorded, so tests assert on the exact request the worker sent.
+
+It also serves `GET /api/machines?$filter=...` for device resolution: an exact `eq` on
+`aadDeviceId` or `computerDnsName` (case-insensitive, as Defender compares them) over the
+machines a test added with `add_machine` (duplicates allowed, for ambiguity). Any other
+filter is refused with 400 as Defender refuses a malformed OData filter. `script(LOOKUP, ...)`
+scripts the lookup's answers.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, cast
+from urllib.parse import parse_qs, urlsplit
 
 from .loopback import LoopbackServer, QuietHandler
 
@@ -26,6 +33,9 @@ _ACTION = re.compile(r"/api/machineactions/([^/]+)(/cancel)?")
 _MACHINE = re.compile(r"/api/machines/([^/?]+)")
 _TAGS = re.compile(r"/api/machines/([^/]+)/tags")
 _MACHINE_ID = re.compile(r"[0-9a-f]{40}")
+# One comparison of a supported field with one OData string literal ('' is a quote inside).
+_FILTER = re.compile(r"(aadDeviceId|computerDnsName) eq '((?:[^']|'')*)'")
+LOOKUP = "GET /api/machines"  # the script key for device lookups
 
 
 @dataclass(frozen=True)
@@ -65,22 +75,46 @@ class DefenderSimulator(LoopbackServer):
         # Statuses successive reads of a MachineAction return; the last one repeats.
         self.action_progression: list[str] = ["Pending", "InProgress", "Succeeded"]
         self.actions: dict[str, dict[str, Any]] = {}
-        # Machines the tests describe; any other well-formed id is an onboarded Windows 11 PC.
+        # Machines the tests describe; any other well-formed id is an onboarded Windows 11 PC
+        # when read by id (lookups by name or AAD id find only the machines described here).
         self.machines: dict[str, dict[str, Any]] = {}
         self._action_reads: dict[str, int] = defaultdict(int)
         super().__init__(_Handler, port)
 
+    def find(self, field: str, value: str) -> list[dict[str, Any]]:
+        with self._lock:
+            return [
+                m
+                for m in self.machines.values()
+                if isinstance(m.get(field), str) and m[field].lower() == value.lower()
+            ]
+
+    def lookup_calls(self) -> list[Call]:
+        with self._lock:
+            return [c for c in self.calls if c.method == "GET" and urlsplit(c.path).path == "/api/machines"]
+
     def script(self, key: str, *replies: Reply) -> None:
         """Answer the next calls for `key` with `replies`, in order, then normally. Keys: a
         machine id (its offboard), `machine:<id>` (reading the machine), an action id (reading
-        or cancelling that action)."""
+        or cancelling that action), LOOKUP (device lookups)."""
         with self._lock:
             self._scripts[key].extend(replies)
 
-    def add_machine(self, machine_id: str, **fields: Any) -> dict[str, Any]:
+    def add_machine(
+        self,
+        machine_id: str,
+        computer_dns_name: str | None = None,
+        aad_device_id: str | None = None,
+        **fields: Any,
+    ) -> dict[str, Any]:
         """Describe a machine (osPlatform, version, osBuild, machineTags, rbacGroupId,
-        onboardingStatus, computerDnsName, aadDeviceId, ...) over the defaults."""
+        onboardingStatus, ...) over the defaults. Several machines may share a name or an
+        AAD device id, as in real tenants (re-imaged devices), for ambiguity tests."""
         machine = {**default_machine(machine_id), **fields}
+        if computer_dns_name is not None:
+            machine["computerDnsName"] = computer_dns_name
+        if aad_device_id is not None:
+            machine["aadDeviceId"] = aad_device_id
         with self._lock:
             self.machines[machine_id] = machine
         return machine
@@ -204,6 +238,17 @@ def machine_action(machine_id: str, comment: str) -> dict[str, Any]:
 
 
 class _Handler(QuietHandler):
+    def _find_machines(self, sim: DefenderSimulator, query: str) -> None:
+        scripted = sim.next_scripted(LOOKUP)
+        if scripted is not None:
+            return self._reply(scripted)
+        filters = parse_qs(query).get("$filter", [])
+        match = _FILTER.fullmatch(filters[0]) if len(filters) == 1 else None
+        if not match:
+            return self._reply(Reply.error(400, "InvalidInput", f"unsupported $filter {filters!r}"))
+        field, literal = match.group(1), match.group(2).replace("''", "'")
+        return self._reply(Reply(200, {"@odata.context": "machines", "value": sim.find(field, literal)}))
+
     def do_POST(self) -> None:  # noqa: N802 - http.server naming
         sim = cast(DefenderSimulator, self.server.owner)  # type: ignore[attr-defined]
         body = self.read_body()
@@ -242,6 +287,9 @@ class _Handler(QuietHandler):
         sim.record(Call("GET", self.path, dict(self.headers.items()), b"", time.time()))
         if not self._authorised(sim):
             return None
+        parts = urlsplit(self.path)
+        if parts.path == "/api/machines":
+            return self._find_machines(sim, parts.query)
         machine = _MACHINE.fullmatch(self.path)
         if machine:
             return self._get_machine(sim, machine.group(1))

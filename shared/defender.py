@@ -43,6 +43,13 @@ class DefenderClient:
         """GET /api/machines/{id}: the machine's platform, tags, group and onboarding status."""
         return self._call("GET", f"/api/machines/{_checked_machine_id(machine_id)}")
 
+    def find_machines(self, odata_filter: str) -> requests.Response:
+        """GET /api/machines?$filter=... (needs Machine.Read.All); answers `{"value": [...]}`.
+
+        The filter must come from `devices.Lookup.odata_filter()`, which builds it only from
+        validated values; this client sends it as one query parameter, URL-encoded."""
+        return self._call("GET", "/api/machines", params={"$filter": odata_filter})
+
     def add_tag(self, machine_id: str, tag: str) -> requests.Response:
         """POST /api/machines/{id}/tags: so people can see why a device left Defender."""
         return self._call(
@@ -59,13 +66,21 @@ class DefenderClient:
             "POST", f"/api/machineactions/{_checked_action_id(action_id)}/cancel", {"Comment": comment}
         )
 
-    def _call(self, method: str, path: str, body: dict[str, str] | None = None) -> requests.Response:
+    def _call(
+        self,
+        method: str,
+        path: str,
+        body: dict[str, str] | None = None,
+        *,
+        params: dict[str, str] | None = None,
+    ) -> requests.Response:
         token = self._tokens.token()
         try:
             return self._session.request(
                 method,
                 self._base_url + path,
-                json=body,  # requests sets Content-Type: application/json
+                json=body,  # requests sets Content-Type: application/json when there is one
+                params=params,
                 headers={"Authorization": f"Bearer {token}"},
                 timeout=self._timeout,
                 # A redirect is not part of this API; following one could carry the token

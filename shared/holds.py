@@ -51,6 +51,7 @@ class Holds:
             OffboardMessage(
                 request_id=record.request_id,
                 machine_id=record.machine_id,
+                lookup=record.device_lookup(),
                 comment=record.comment,
                 enqueued_at=utc_now_iso(),
                 caller=record.caller,
@@ -77,9 +78,9 @@ class Holds:
         self.audit.record(
             audit.EXPIRED,
             request_id=message.request_id,
-            machine_id=message.machine_id,
+            machine_id=record.machine_id,
             detail="held by the breaker and not released in time",
         )
         log.warning(
-            "Held request %s for machine %s expired unreleased", message.request_id, message.machine_id
+            "Held request %s for machine %s expired unreleased", message.request_id, record.machine_id
         )

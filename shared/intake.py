@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from .devices import Lookup
 from .messages import REQUEST_ID
 
 MAX_BODY_BYTES = 64 * 1024
@@ -36,19 +37,32 @@ class BadRequest(ValueError):
 
 @dataclass(frozen=True)
 class OffboardRequest:
-    machine_id: str
+    """One device to offboard: by Defender machine id, or by a lookup the worker resolves."""
+
+    machine_id: str | None
     comment: str
+    lookup: Lookup | None = None
     client_request_id: str | None = None
     dry_run: bool = False
 
     @property
     def fingerprint(self) -> str:
-        """What an idempotency key promises stays the same: the machine and the comment."""
-        canonical = json.dumps([self.machine_id, self.comment, self.dry_run], separators=(",", ":"))
+        """What an idempotency key promises stays the same: the device, comment and dry run."""
+        device = self.machine_id or (self.lookup.to_dict() if self.lookup else None)
+        canonical = json.dumps([device, self.comment, self.dry_run], separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 
+    @property
+    def device_key(self) -> str:
+        """What names the device before it is resolved: one unfinished request per key."""
+        if self.machine_id:
+            return self.machine_id
+        assert self.lookup is not None
+        return f"{self.lookup.by}:{self.lookup.value}"
 
-def parse_offboard_request(body: bytes, default_comment: str) -> OffboardRequest:
+
+def read_json(body: bytes) -> Any:
+    """The body's JSON, after the size and emptiness checks every caller format shares."""
     if len(body) > MAX_BODY_BYTES:
         raise BadRequest("PayloadTooLarge", f"the body is over {MAX_BODY_BYTES} bytes", 413)
     if not body.strip():
@@ -57,22 +71,12 @@ def parse_offboard_request(body: bytes, default_comment: str) -> OffboardRequest
         payload: Any = json.loads(body)
     except (UnicodeDecodeError, ValueError):
         raise BadRequest("InvalidJson", "the body is not valid JSON") from None
-    if not isinstance(payload, dict):
-        raise BadRequest("InvalidBody", "the body must be a JSON object")
-    return OffboardRequest(
-        machine_id=_machine_id(payload.get("machineId")),
-        comment=parse_comment(payload.get("comment"), default_comment),
-        client_request_id=_idempotency_key(payload.get("clientRequestId"), "clientRequestId"),
-        dry_run=_dry_run(payload.get("dryRun", False)),
-    )
+    return payload
 
 
-def idempotency_key(headers: Mapping[str, str], request: OffboardRequest) -> str | None:
-    """The caller's idempotency key: the `Idempotency-Key` header or `clientRequestId`."""
-    header = _idempotency_key(headers.get("idempotency-key"), "Idempotency-Key")
-    if header and request.client_request_id and header != request.client_request_id:
-        raise BadRequest("InvalidIdempotencyKey", "Idempotency-Key and clientRequestId differ; send one")
-    return header or request.client_request_id
+def idempotency_key(headers: Mapping[str, str]) -> str | None:
+    """The `Idempotency-Key` header, validated; None when absent."""
+    return idempotency_key_of(headers.get("idempotency-key"), "Idempotency-Key")
 
 
 def parse_request_id(value: str | None) -> str:
@@ -92,7 +96,7 @@ def caller_of(headers: Mapping[str, str]) -> str:
     return _printable(f"agent:{agent}") if agent else "unknown"
 
 
-def _machine_id(value: Any) -> str:
+def machine_id_of(value: Any) -> str:
     if value is None:
         raise BadRequest("MissingMachineId", "machineId is required")
     if not isinstance(value, str):
@@ -105,13 +109,13 @@ def _machine_id(value: Any) -> str:
     return value.lower()
 
 
-def _dry_run(value: Any) -> bool:
+def dry_run_of(value: Any) -> bool:
     if not isinstance(value, bool):
         raise BadRequest("InvalidDryRun", "dryRun must be true or false")
     return value
 
 
-def _idempotency_key(value: Any, name: str) -> str | None:
+def idempotency_key_of(value: Any, name: str = "clientRequestId") -> str | None:
     if value is None or value == "":
         return None
     if not isinstance(value, str) or not _KEY.fullmatch(value):
@@ -121,7 +125,7 @@ def _idempotency_key(value: Any, name: str) -> str | None:
     return value
 
 
-def parse_comment(value: Any, default: str) -> str:
+def comment_of(value: Any, default: str) -> str:
     if value is None:
         return default
     if not isinstance(value, str):
@@ -133,5 +137,11 @@ def parse_comment(value: Any, default: str) -> str:
     return value.strip() or default
 
 
-def _printable(text: str) -> str:
-    return _CONTROL.sub("?", text)[:_CALLER_LIMIT]
+def generated_comment(text: str, default: str) -> str:
+    """A comment this app composes from a caller's fields (incident title, device name): made
+    to fit the comment rules instead of refusing the request for a long incident title."""
+    return _printable(text, MAX_COMMENT_CHARS).strip() or default
+
+
+def _printable(text: str, limit: int = _CALLER_LIMIT) -> str:
+    return _CONTROL.sub("?", text)[:limit]

@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
+from .devices import InvalidLookup, Lookup
+
 SCHEMA_VERSION = 1
 MACHINE_ID = re.compile(r"[0-9a-f]{40}")
 # MachineAction ids are GUIDs; they reach a URL path, so nothing else is accepted.
@@ -28,17 +30,39 @@ class MessageError(ValueError):
 
 @dataclass(frozen=True)
 class OffboardMessage:
+    """Exactly one of `machine_id` and `lookup` is set: a request that names its device by
+    another identifier carries `lookup` until the worker resolves it; from then on it carries
+    the resolved `machine_id` and, in `resolved_from`, the lookup it came from, so a re-queued
+    message never resolves twice. Messages with a machine id keep the original v1 shape."""
+
     request_id: str
-    machine_id: str
+    machine_id: str | None
     comment: str
     enqueued_at: str  # ISO 8601, UTC: when the caller's request was accepted
     caller: str
     attempt: int = 1  # the delivery this message is for; +1 on every re-queue
     failures: int = 0  # transient and configuration failures so far (429s don't count)
     dry_run: bool = False  # everything but the offboard call itself
+    lookup: Lookup | None = None
+    resolved_from: Lookup | None = None
+
+    def __post_init__(self) -> None:
+        if (self.machine_id is None) == (self.lookup is None):
+            raise ValueError("a message carries exactly one of machine_id and lookup")
 
     def next_attempt(self, *, failed: bool) -> OffboardMessage:
         return replace(self, attempt=self.attempt + 1, failures=self.failures + int(failed))
+
+    def resolved(self, machine_id: str) -> OffboardMessage:
+        return replace(self, machine_id=machine_id, lookup=None, resolved_from=self.lookup)
+
+    @property
+    def device(self) -> str:
+        """The device as logs name it: the machine id, or the lookup still to be resolved."""
+        if self.machine_id is not None:
+            return self.machine_id
+        assert self.lookup is not None  # __post_init__ guarantees one of the two
+        return f"{self.lookup.by}={self.lookup.value}"
 
     def to_json(self) -> str:
         return _dump("offboard", self)
@@ -52,15 +76,20 @@ class OffboardMessage:
 
     @classmethod
     def from_body(cls, body: dict[str, Any]) -> OffboardMessage:
+        lookup = _lookup(body, "lookup")
+        if lookup is not None and body.get("machineId") is not None:
+            raise MessageError("fields 'machineId' and 'lookup' are both set; exactly one must be")
         return cls(
             request_id=_text(body, "requestId", REQUEST_ID),
-            machine_id=_text(body, "machineId", MACHINE_ID),
+            machine_id=None if lookup is not None else _text(body, "machineId", MACHINE_ID),
             comment=_text(body, "comment"),
             enqueued_at=_text(body, "enqueuedAt"),
             caller=_text(body, "caller"),
             attempt=_count(body, "attempt"),
             failures=_count(body, "failures"),
             dry_run=_flag(body, "dryRun"),
+            lookup=lookup,
+            resolved_from=_lookup(body, "resolvedFrom"),
         )
 
 
@@ -93,16 +122,13 @@ class HoldExpiryMessage:
     """Sent, delayed, when a request is held by the breaker: if still held then, it expires."""
 
     request_id: str
-    machine_id: str
 
     def to_json(self) -> str:
         return _dump("hold-expiry", self)
 
     @classmethod
     def from_body(cls, body: dict[str, Any]) -> HoldExpiryMessage:
-        return cls(
-            request_id=_text(body, "requestId", REQUEST_ID), machine_id=_text(body, "machineId", MACHINE_ID)
-        )
+        return cls(request_id=_text(body, "requestId", REQUEST_ID))
 
 
 Message = OffboardMessage | ActionCheckMessage | HoldExpiryMessage
@@ -129,7 +155,8 @@ def parse_message(text: str) -> Message:
 
 
 def _dump(kind: str, message: Message) -> str:
-    body = {"v": SCHEMA_VERSION, "type": kind, **{_camel(k): v for k, v in asdict(message).items()}}
+    fields = {_camel(k): v for k, v in asdict(message).items() if v is not None}
+    body = {"v": SCHEMA_VERSION, "type": kind, **fields}
     return json.dumps(body, separators=(",", ":"))
 
 
@@ -164,3 +191,18 @@ def _count(body: dict[str, Any], name: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         raise MessageError(f"field {name!r} is missing or not a whole number >= 0")
     return value
+
+
+def _lookup(body: dict[str, Any], name: str) -> Lookup | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, dict) or set(value) != {"by", "value"}:
+        raise MessageError(f"field {name!r} must be an object with exactly 'by' and 'value'")
+    try:
+        lookup = Lookup.of(value["by"], value["value"])
+    except InvalidLookup as exc:
+        raise MessageError(f"field {name!r} is malformed: {exc}") from None
+    if lookup.value != value["value"]:
+        raise MessageError(f"field {name!r} is malformed: not in its canonical (lower-case) form")
+    return lookup

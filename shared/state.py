@@ -25,6 +25,7 @@ from azure.core import MatchConditions
 from azure.core.exceptions import ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
 from azure.data.tables import TableClient, UpdateMode
 
+from .devices import Lookup
 from .messages import utc_now_iso
 
 # Statuses, as callers see them. Queued and Throttled: not yet accepted by Defender. Held:
@@ -48,7 +49,7 @@ class StaleRecord(Exception):
 @dataclass(frozen=True)
 class RequestRecord:
     request_id: str
-    machine_id: str
+    machine_id: str | None  # None until a request that names its device otherwise is resolved
     caller: str
     comment: str
     status: str = "Queued"
@@ -63,6 +64,7 @@ class RequestRecord:
     dry_run: bool = False
     would_send: str | None = None  # for a dry run: the call that was not made, as JSON
     note: str | None = None  # why a request ended as it did, when that is not an error
+    lookup: str | None = None  # JSON {"by", "value"}: how the caller named the device
     claimed_by: str | None = None  # queue message id of the worker calling Defender now
     claimed_attempt: int | None = None
     claimed_at: str | None = None
@@ -72,6 +74,12 @@ class RequestRecord:
     def final(self) -> bool:
         """Nothing more will change from our side: the status poll can stop."""
         return self.status in TERMINAL or self.follow_up == "Stopped"
+
+    def device_lookup(self) -> Lookup | None:
+        if not self.lookup:
+            return None
+        named = json.loads(self.lookup)
+        return Lookup.of(named["by"], named["value"])
 
     def claim_is_live(self, now: datetime) -> bool:
         if not self.claimed_at:
@@ -83,6 +91,7 @@ class RequestRecord:
         view: dict[str, Any] = {
             "requestId": self.request_id,
             "machineId": self.machine_id,
+            **({"lookup": json.loads(self.lookup)} if self.lookup else {}),
             "status": self.status,
             "attempt": self.attempt,
             "createdAt": self.created_at,
@@ -121,7 +130,7 @@ def _to_entity(record: RequestRecord) -> dict[str, Any]:
 def _from_entity(entity: Any) -> RequestRecord:
     values = {name: entity.get(_camel(name)) for name in _FIELDS}
     values["request_id"] = entity["PartitionKey"]
-    values = {k: v for k, v in values.items() if v is not None}
+    values = {k: v for k, v in values.items() if v is not None or k == "machine_id"}
     return RequestRecord(**values, etag=entity.metadata.get("etag"))
 
 
@@ -173,9 +182,10 @@ class RequestStore:
 
     # ---- one active request per machine -------------------------------------------------
 
-    def claim_machine(self, machine_id: str, request_id: str) -> str | None:
-        """Make `request_id` the machine's active request, or return the one that already is."""
-        key = {"PartitionKey": f"machine-{machine_id}", "RowKey": "active"}
+    def claim_machine(self, device_key: str, request_id: str) -> str | None:
+        """Make `request_id` the device's active request, or return the one that already is.
+        `device_key` is the machine id, or `by:value` for a device still to be resolved."""
+        key = {"PartitionKey": f"machine-{device_key}", "RowKey": "active"}
         table = self._client()
         for _ in range(5):
             try:
@@ -200,11 +210,11 @@ class RequestStore:
                 return None
             except (ResourceModifiedError, ResourceNotFoundError):
                 continue
-        raise StaleRecord(f"machine-{machine_id}")
+        raise StaleRecord(f"machine-{device_key}")
 
-    def release_machine(self, machine_id: str, request_id: str) -> None:
+    def release_machine(self, device_key: str, request_id: str) -> None:
         with contextlib.suppress(ResourceNotFoundError):
-            row = self._client().get_entity(f"machine-{machine_id}", "active")
+            row = self._client().get_entity(f"machine-{device_key}", "active")
             if row["requestId"] == request_id:
                 self._client().delete_entity(
                     row, etag=row.metadata["etag"], match_condition=MatchConditions.IfNotModified

@@ -7,6 +7,7 @@ fired twice), and a replayed idempotency key gets the answer it got the first ti
 
 from __future__ import annotations
 
+import json
 import logging
 import uuid
 from collections.abc import Callable
@@ -75,7 +76,7 @@ class Submissions:
 
     def _submit(self, request: OffboardRequest, caller: str, status_url: Callable[[str], str]) -> Answer:
         request_id = str(uuid.uuid4())
-        existing_id = self.store.claim_machine(request.machine_id, request_id)
+        existing_id = self.store.claim_machine(request.device_key, request_id)
         if existing_id:
             existing = self.store.get(existing_id)
             self.audit.record(
@@ -85,12 +86,12 @@ class Submissions:
                 caller=caller,
                 detail="another request for this machine arrived; nothing new was queued",
             )
-            log.info("Machine %s already has request %s; nothing queued", request.machine_id, existing_id)
+            log.info("Device %s already has request %s; nothing queued", request.device_key, existing_id)
             return Answer(
                 202,
                 {
                     "requestId": existing_id,
-                    "machineId": request.machine_id,
+                    **_device(request),
                     "status": existing.status if existing else "Queued",
                     "statusUrl": status_url(existing_id),
                     "existingRequest": True,
@@ -112,6 +113,7 @@ class Submissions:
                 created_at=now,
                 status="Held" if held else "Queued",
                 dry_run=dry_run,
+                lookup=json.dumps(request.lookup.to_dict()) if request.lookup else None,
             )
         )
         self.audit.record(audit.RECEIVED, request_id=request_id, machine_id=request.machine_id, caller=caller)
@@ -125,6 +127,7 @@ class Submissions:
             enqueued_at=now,
             caller=caller,
             dry_run=dry_run,
+            lookup=request.lookup,
         )
         try:
             self.queue.send(message)
@@ -138,15 +141,15 @@ class Submissions:
                     last_error_code="EnqueueFailed",
                     last_error_message="queue unavailable",
                 )
-                self.store.release_machine(request.machine_id, request_id)
+                self.store.release_machine(request.device_key, request_id)
             except (AzureError, StaleRecord):
                 log.exception("Could not mark request %s as not queued", request_id)
             raise
         self.audit.record(audit.QUEUED, request_id=request_id, machine_id=request.machine_id, caller=caller)
-        log.info("Offboard request %s queued for machine %s", request_id, request.machine_id)
+        log.info("Offboard request %s queued for %s", request_id, request.device_key)
         body = {
             "requestId": request_id,
-            "machineId": request.machine_id,
+            **_device(request),
             "status": "Queued",
             "statusUrl": status_url(request_id),
         }
@@ -165,7 +168,7 @@ class Submissions:
             record.machine_id,
         )
         self.store.mark_held(record.request_id)
-        self.queue.send(HoldExpiryMessage(record.request_id, record.machine_id), self.hold_expiry_seconds)
+        self.queue.send(HoldExpiryMessage(record.request_id), self.hold_expiry_seconds)
         detail = f"breaker: {count} offboards accepted in the last {window} (limit {self.breaker.limit})"
         self.audit.record(
             audit.HELD,
@@ -179,8 +182,16 @@ class Submissions:
             {
                 "requestId": record.request_id,
                 "machineId": record.machine_id,
+                **({"lookup": json.loads(record.lookup)} if record.lookup else {}),
                 "status": "Held",
                 "statusUrl": status_url(record.request_id),
                 "message": f"held by the blast-radius breaker ({detail}); an operator must release it",
             },
         )
+
+
+def _device(request: OffboardRequest) -> dict[str, Any]:
+    """How the answer names the device: the machine id, or null and the lookup to resolve."""
+    if request.lookup is not None:
+        return {"machineId": None, "lookup": request.lookup.to_dict()}
+    return {"machineId": request.machine_id}

@@ -32,6 +32,7 @@ from .holds import Holds
 from .messages import ActionCheckMessage, HoldExpiryMessage, MessageError, OffboardMessage, parse_message
 from .outcome import Failed, Requeue, RetryKind, RetryPolicy, Succeeded, classify
 from .queues import WorkQueue
+from .resolve import resolve
 from .state import ACTION_STATUSES, NOT_SENT, TERMINAL, RequestRecord, RequestStore, StaleRecord
 
 log = logging.getLogger(__name__)
@@ -93,6 +94,24 @@ class Worker:
         record = self._claim(message, message_id or str(uuid.uuid4()))
         if record is None:
             return
+        if message.machine_id is None:
+            # A request that names its device another way is resolved first; a lookup that
+            # fails or must wait is settled like an offboard call, and nothing is offboarded.
+            resolved = resolve(self.defender, message, policy=self.policy, now=self.clock(), rng=self.rng)
+            if isinstance(resolved, Requeue):
+                return self._requeue(record, message, resolved, "Device lookup")
+            if isinstance(resolved, Failed):
+                return self._fail(record, message, resolved, "Device lookup")
+            message = resolved
+            assert message.machine_id is not None and message.resolved_from is not None
+            record = self.store.update(record, machine_id=message.machine_id)
+            self.audit.try_record(
+                audit.RESOLVED,
+                request_id=record.request_id,
+                machine_id=message.machine_id,
+                detail=f"{message.resolved_from.by} {message.resolved_from.value} is this machine",
+            )
+        assert message.machine_id is not None
         if self.guard.precheck and not self._precheck_passes(record, message):
             return
         if message.dry_run:
@@ -117,7 +136,7 @@ class Worker:
     def _precheck_passes(self, record: RequestRecord, message: OffboardMessage) -> bool:
         """Reads the machine and applies the guardrails; False when the outcome is recorded."""
         try:
-            result: requests.Response | DefenderCallError = self.defender.get_machine(message.machine_id)
+            result: requests.Response | DefenderCallError = self.defender.get_machine(_machine(record))
         except DefenderCallError as exc:
             result = exc
         outcome = classify(
@@ -145,10 +164,10 @@ class Worker:
             )
             return False
         if isinstance(outcome, Requeue):
-            self._requeue(record, message, outcome)
+            self._requeue(record, message, outcome, "Precheck")
             return False
         if isinstance(outcome, Failed):
-            self._fail(record, message, outcome)
+            self._fail(record, message, outcome, "Precheck")
             return False
         refusal = verdict(outcome.action, self.guard.protection)
         if refusal is None:
@@ -191,7 +210,7 @@ class Worker:
     def _dry_run(self, record: RequestRecord, message: OffboardMessage) -> None:
         would_send = {
             "method": "POST",
-            "path": self.defender.offboard_path(message.machine_id),
+            "path": self.defender.offboard_path(_machine(record)),
             "body": {"Comment": message.comment},
         }
         self.store.update(record, status="DryRun", would_send=json.dumps(would_send), **_NO_CLAIM)
@@ -206,7 +225,7 @@ class Worker:
     def _tag(self, record: RequestRecord, tag: str) -> None:
         """Best effort: a missing tag must not undo or repeat an offboard."""
         try:
-            response = self.defender.add_tag(record.machine_id, tag)
+            response = self.defender.add_tag(_machine(record), tag)
             ok = response.status_code in (200, 201)
             detail = f"tag {tag!r} added" if ok else f"adding tag {tag!r} answered {response.status_code}"
         except DefenderCallError as exc:
@@ -286,7 +305,7 @@ class Worker:
             # finds Defender's ActiveRequestAlreadyExists, and the check still runs.
             check = ActionCheckMessage(
                 request_id=record.request_id,
-                machine_id=record.machine_id,
+                machine_id=_machine(record),
                 action_id=action_id,
                 submitted_at=self.clock().isoformat(timespec="seconds"),
             )
@@ -320,7 +339,9 @@ class Worker:
             action_id,
         )
 
-    def _requeue(self, record: RequestRecord, message: OffboardMessage, outcome: Requeue) -> None:
+    def _requeue(
+        self, record: RequestRecord, message: OffboardMessage, outcome: Requeue, step: str = "Offboard"
+    ) -> None:
         following = message.next_attempt(failed=outcome.kind is not RetryKind.THROTTLED)
         self.queue.send(following, outcome.delay_seconds)
         throttled = outcome.kind is RetryKind.THROTTLED
@@ -352,17 +373,20 @@ class Worker:
         level = logging.ERROR if outcome.kind is RetryKind.CONFIGURATION else logging.WARNING
         log.log(
             level,
-            "Offboard %s (%s: %s): request %s machine %s attempt %d, retrying in %ds",
+            "%s %s (%s: %s): request %s machine %s attempt %d, retrying in %ds",
+            step,
             outcome.kind.value.lower(),
             outcome.code,
             outcome.message,
             record.request_id,
-            record.machine_id,
+            message.device,
             message.attempt,
             outcome.delay_seconds,
         )
 
-    def _fail(self, record: RequestRecord, message: OffboardMessage, outcome: Failed) -> None:
+    def _fail(
+        self, record: RequestRecord, message: OffboardMessage, outcome: Failed, step: str = "Offboard"
+    ) -> None:
         # Recorded first, with the reason, then poisoned. The claim stays on the row so a
         # redelivery of this message knows it only has to finish the poisoning.
         self.store.update(
@@ -377,11 +401,12 @@ class Worker:
         )
         self.queue.poison(message, outcome.code, outcome.message, outcome.status)
         log.error(
-            "Offboard failed permanently (%s: %s): request %s machine %s attempt %d",
+            "%s failed permanently (%s: %s): request %s machine %s attempt %d",
+            step,
             outcome.code,
             outcome.message,
             record.request_id,
-            record.machine_id,
+            message.device,
             message.attempt,
         )
 
@@ -456,6 +481,12 @@ class Worker:
         log.warning(
             "Follow-up of request %s machine %s stopped: %s", record.request_id, record.machine_id, why
         )
+
+
+def _machine(record: RequestRecord) -> str:
+    """The machine id of a request past resolution (every step after it needs one)."""
+    assert record.machine_id is not None, "the request's device has not been resolved"
+    return record.machine_id
 
 
 _NO_CLAIM: dict[str, None] = {"claimed_by": None, "claimed_attempt": None, "claimed_at": None}
