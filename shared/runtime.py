@@ -17,7 +17,7 @@ from .worker import Worker
 
 
 def build_work_queue(settings: Settings) -> WorkQueue:
-    return WorkQueue.from_connection_string(settings.storage_connection, settings.queue_name)
+    return WorkQueue.from_storage(settings.storage, settings.queue_name)
 
 
 def build_worker(settings: Settings, queue: WorkQueue) -> Worker:

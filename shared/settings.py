@@ -15,6 +15,8 @@ from functools import lru_cache
 from typing import TypeVar
 from urllib.parse import urlsplit
 
+from .storage import StorageAccess, StorageSettingsError
+
 DEFAULT_COMMENT = "Offboarded by automation (Defender offboarding service)"
 # Queue names: 3-63 chars, lowercase letters, digits and single hyphens (Azure's rule).
 _QUEUE_NAME = re.compile(r"[a-z0-9](?:[a-z0-9]|-(?=[a-z0-9])){2,62}")
@@ -34,7 +36,7 @@ class SettingsError(ValueError):
 
 @dataclass(frozen=True)
 class Settings:
-    storage_connection: str
+    storage: StorageAccess
     queue_name: str
     defender_base_url: str
     defender_scope: str
@@ -69,8 +71,13 @@ class Settings:
                 problems.append(f"{name}: {exc}")
                 return None
 
+        storage: StorageAccess | None = None
+        try:
+            storage = StorageAccess.from_env(env)
+        except StorageSettingsError as exc:
+            problems.extend(exc.problems)
         values = {
-            "storage_connection": read("AzureWebJobsStorage", None, str),
+            "storage": storage,
             "queue_name": read("OFFBOARD_QUEUE_NAME", "offboard-requests", _queue_name),
             "defender_base_url": read(
                 "DEFENDER_API_BASE_URL", "https://api.securitycenter.microsoft.com", _base_url

@@ -89,9 +89,7 @@ def make_worker(app_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Cal
         for name in ("IDENTITY_ENDPOINT", "IDENTITY_HEADER"):
             monkeypatch.setenv(name, env[name])  # read by ManagedIdentityCredential
         settings = Settings.from_env(env)
-        return build_worker(
-            settings, WorkQueue.from_connection_string(settings.storage_connection, settings.queue_name)
-        )
+        return build_worker(settings, WorkQueue.from_storage(settings.storage, settings.queue_name))
 
     return make
 
