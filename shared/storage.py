@@ -16,11 +16,14 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-from azure.data.tables import TableClient
 from azure.identity import ManagedIdentityCredential
 from azure.storage.queue import QueueClient, TextBase64DecodePolicy, TextBase64EncodePolicy
+
+if TYPE_CHECKING:
+    from azure.data.tables import TableClient
 
 PREFIX = "AzureWebJobsStorage"
 _ACCOUNT_NAME = re.compile(r"[a-z0-9]{3,24}")
@@ -126,6 +129,9 @@ def queue_client(storage: StorageAccess, name: str) -> QueueClient:
 
 def table_client(storage: StorageAccess, name: str) -> TableClient:
     """A client for one table in the same account, with the same identity."""
+    # Imported on first use: it costs cold starts about 50 ms, and only table users need it.
+    from azure.data.tables import TableClient
+
     if storage.connection_string is not None:
         return TableClient.from_connection_string(storage.connection_string, name)
     assert storage.table_service_uri is not None
