@@ -39,10 +39,6 @@ class WorkQueue:
     def from_storage(cls, storage: StorageAccess, name: str) -> WorkQueue:
         return cls(queue_client(storage, name), queue_client(storage, f"{name}-poison"))
 
-    @classmethod
-    def from_connection_string(cls, connection_string: str, name: str) -> WorkQueue:
-        return cls.from_storage(StorageAccess(connection_string=connection_string), name)
-
     def send(self, message: OffboardMessage, delay_seconds: int = 0) -> None:
         delay = min(max(0, delay_seconds), MAX_DELAY_SECONDS)
         self._ensure(self._work)
