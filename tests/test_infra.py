@@ -23,6 +23,7 @@ TEMPLATE: dict[str, Any] = json.loads(TEMPLATE_PATH.read_text())
 SAMPLE: dict[str, str] = json.loads((ROOT / "local.settings.sample.json").read_text())["Values"]
 PARAMETERS: dict[str, Any] = TEMPLATE["parameters"]
 VARIABLES: dict[str, Any] = TEMPLATE["variables"]
+INSIGHTS_CONNECTION = "<from the Application Insights resource>"
 STORAGE_ROLES = {
     "b7e6dc6d-f1e8-4753-8033-0f276bb0955b",  # Storage Blob Data Owner: host leases, deployment package
     "974c5e8b-45b9-4653-ba55-5f855dd0fb88",  # Storage Queue Data Contributor: the work and poison queues
@@ -63,6 +64,12 @@ def evaluate(value: Any, overrides: dict[str, Any] | None = None) -> Any:
         "environment": lambda: SimpleNamespace(suffixes=SimpleNamespace(storage="core.windows.net")),
         "uniqueString": lambda *_: "x7k2q9",
         "resourceGroup": lambda: SimpleNamespace(id="/subscriptions/0/resourceGroups/rg", location="eastus"),
+        "resourceId": lambda *parts: "/".join(parts),
+        "reference": lambda *_: _Object(ConnectionString=INSIGHTS_CONNECTION),
+        "createObject": lambda *pairs: _Object(zip(pairs[::2], pairs[1::2], strict=True)),
+        "union": lambda *objects: _Object(kv for obj in objects for kv in obj.items()),
+        "items": lambda obj: [_Object(key=k, value=v) for k, v in sorted(obj.items())],
+        "map": lambda values, function: [function(v) for v in values],
     }
 
     def run(raw: Any) -> Any:
@@ -71,20 +78,23 @@ def evaluate(value: Any, overrides: dict[str, Any] | None = None) -> Any:
         if not (isinstance(raw, str) and raw.startswith("[") and raw.endswith("]")):
             return raw
         # ARM expressions are Python expressions once their functions are defined
-        # (`if` is a Python keyword, so it is renamed).
+        # (`if` is a Python keyword, so it is renamed; an ARM lambda becomes a Python one).
         expression = re.sub(r"\bif\(", "if_(", raw[1:-1])
-        return eval(expression, {"__builtins__": {}}, names)  # noqa: S307 - our own template, fixed names
+        expression = re.sub(r"\blambda\('(\w+)', ", r"(lambda \1: ", expression)
+        expression = re.sub(r"\blambdaVariables\('(\w+)'\)", r"\1", expression)
+        return eval(expression, {"__builtins__": {}, **names})  # noqa: S307 - our own template, fixed names
 
     return run(value)
 
 
 def template_app_settings(**overrides: Any) -> dict[str, str]:
-    """The app settings a deployment gets, for the given parameters (defaults otherwise)."""
-    settings = evaluate(VARIABLES["appSettings"], overrides)
-    if evaluate(VARIABLES["isFlex"], overrides) is False:
-        settings |= evaluate(VARIABLES["consumptionAppSettings"], overrides)
-    settings["APPLICATIONINSIGHTS_CONNECTION_STRING"] = "<from the Application Insights resource>"
-    return {name: str(value) for name, value in settings.items()}
+    """The app settings a deployment gets, for the given parameters (defaults otherwise),
+    evaluated from the function app's own `siteConfig.appSettings` expression."""
+    (site,) = resources("Microsoft.Web/sites")
+    settings = evaluate(site["properties"]["siteConfig"]["appSettings"], overrides)
+    names = [setting["name"] for setting in settings]
+    assert len(names) == len(set(names)), "an app setting is set twice"
+    return {setting["name"]: str(setting["value"]) for setting in settings}
 
 
 def resources(kind: str) -> list[dict[str, Any]]:
@@ -117,6 +127,13 @@ def test_every_sample_setting_is_set_by_the_template() -> None:
             assert consumption[name] == SAMPLE[name]
         else:
             assert name in flex and name in consumption, f"{name} is not set by the template"
+
+
+def test_flex_consumption_gets_none_of_the_settings_it_refuses() -> None:
+    # functionAppConfig replaces these on Flex Consumption; set anyway, they break the app.
+    refused = {"FUNCTIONS_WORKER_RUNTIME", "FUNCTIONS_EXTENSION_VERSION", "WEBSITE_RUN_FROM_PACKAGE"}
+    assert refused & set(template_app_settings()) == set()
+    assert refused <= set(template_app_settings(hostingPlan="Consumption"))
 
 
 def test_template_defaults_match_the_sample_settings() -> None:
