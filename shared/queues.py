@@ -13,25 +13,17 @@ import threading
 from typing import Any
 
 from azure.core.exceptions import ResourceExistsError
-from azure.storage.queue import QueueClient, TextBase64DecodePolicy, TextBase64EncodePolicy
+from azure.storage.queue import QueueClient
 
 from .messages import Message, utc_now_iso
 from .outcome import MAX_DELAY_SECONDS
+from .storage import StorageAccess, queue_client
 
 log = logging.getLogger(__name__)
 
 # Messages never expire on their own: a request that waits (throttling, a long outage)
 # is delayed and re-sent, never silently dropped by the queue's default 7-day TTL.
 NEVER_EXPIRE = -1
-
-
-def queue_client(connection_string: str, name: str) -> QueueClient:
-    return QueueClient.from_connection_string(
-        connection_string,
-        name,
-        message_encode_policy=TextBase64EncodePolicy(),
-        message_decode_policy=TextBase64DecodePolicy(),
-    )
 
 
 class WorkQueue:
@@ -44,8 +36,8 @@ class WorkQueue:
         self._lock = threading.Lock()
 
     @classmethod
-    def from_connection_string(cls, connection_string: str, name: str) -> WorkQueue:
-        return cls(queue_client(connection_string, name), queue_client(connection_string, f"{name}-poison"))
+    def from_storage(cls, storage: StorageAccess, name: str) -> WorkQueue:
+        return cls(queue_client(storage, name), queue_client(storage, f"{name}-poison"))
 
     def send(self, message: Message, delay_seconds: int = 0) -> None:
         delay = min(max(0, delay_seconds), MAX_DELAY_SECONDS)

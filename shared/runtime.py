@@ -21,6 +21,7 @@ from .outcome import RetryPolicy
 from .queues import WorkQueue
 from .settings import Settings, get_settings
 from .state import RequestStore
+from .storage import table_client
 from .submission import Submissions
 from .token import TokenProvider
 from .worker import FollowUpPolicy, Guard, Worker
@@ -40,13 +41,13 @@ class Services:
     @classmethod
     def build(cls, settings: Settings) -> Services:
         def table(name: str) -> TableClient:
-            return TableClient.from_connection_string(settings.storage_connection, name)
+            return table_client(settings.storage, name)
 
         tokens = TokenProvider(settings.defender_scope, settings.managed_identity_client_id)
         state_table = table(settings.state_table_name)
         return cls(
             settings=settings,
-            queue=WorkQueue.from_connection_string(settings.storage_connection, settings.queue_name),
+            queue=WorkQueue.from_storage(settings.storage, settings.queue_name),
             state_table=state_table,
             store=RequestStore(state_table),
             audit=AuditTrail(table(settings.audit_table_name)),

@@ -15,6 +15,8 @@ from functools import lru_cache
 from typing import TypeVar
 from urllib.parse import urlsplit
 
+from .storage import StorageAccess, StorageSettingsError
+
 DEFAULT_COMMENT = "Offboarded by automation (Defender offboarding service)"
 # Queue names: 3-63 chars, lowercase letters, digits and single hyphens (Azure's rule).
 _QUEUE_NAME = re.compile(r"[a-z0-9](?:[a-z0-9]|-(?=[a-z0-9])){2,62}")
@@ -36,7 +38,7 @@ class SettingsError(ValueError):
 
 @dataclass(frozen=True)
 class Settings:
-    storage_connection: str
+    storage: StorageAccess
     queue_name: str
     defender_base_url: str
     defender_scope: str
@@ -86,8 +88,13 @@ class Settings:
                 problems.append(f"{name}: {exc}")
                 return None
 
+        storage: StorageAccess | None = None
+        try:
+            storage = StorageAccess.from_env(env)
+        except StorageSettingsError as exc:
+            problems.extend(exc.problems)
         values = {
-            "storage_connection": read("AzureWebJobsStorage", None, str),
+            "storage": storage,
             "queue_name": read("OFFBOARD_QUEUE_NAME", "offboard-requests", _queue_name),
             "defender_base_url": read(
                 "DEFENDER_API_BASE_URL", "https://api.securitycenter.microsoft.com", _base_url
@@ -118,7 +125,8 @@ class Settings:
             "protected_group_ids": read("OFFBOARD_PROTECTED_GROUP_IDS", "-", _group_ids),
             "deny_list": read("OFFBOARD_DENY_LIST", "-", _deny_list),
             "dry_run": read("OFFBOARD_DRY_RUN", "false", _flag),
-            "breaker_limit": read("OFFBOARD_BREAKER_LIMIT", "25", _bounded_int(1, 100_000)),
+            # One Table storage row holds the window's timestamps (64 KiB): 1000 fit with room to spare.
+            "breaker_limit": read("OFFBOARD_BREAKER_LIMIT", "25", _bounded_int(1, 1000)),
             "breaker_window_seconds": read(
                 "OFFBOARD_BREAKER_WINDOW_SECONDS", "3600", _bounded_float(1, 7 * 86_400)
             ),

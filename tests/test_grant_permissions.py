@@ -1,0 +1,160 @@
+"""infra/grant-permissions.sh against a fake `az` first on PATH (tests/fakes/az), which records
+every call and answers from a small tenant state, so the script's real logic runs unchanged."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "infra" / "grant-permissions.sh"
+DEFENDER_APP_ID = "fc780465-2017-40d4-a0c5-307022471b92"
+DEFENDER_SP = "5b1f0000-0000-4000-8000-00000000d3f3"
+PRINCIPAL = "0f1e2d3c-0000-4000-8000-000000000001"
+# Made-up role ids: the script must look them up by value, never know them.
+ROLES = {
+    "Machine.Offboard": "11111111-0000-4000-8000-000000000001",
+    "Machine.Read.All": "11111111-0000-4000-8000-000000000002",
+    "Machine.ReadWrite.All": "11111111-0000-4000-8000-000000000003",
+    "Machine.Isolate": "11111111-0000-4000-8000-000000000004",
+}
+
+
+@dataclass
+class Run:
+    code: int
+    out: str
+    err: str
+    calls: list[list[str]]
+
+    def posts(self) -> list[dict[str, Any]]:
+        return [
+            json.loads(c[c.index("--body") + 1]) for c in self.calls if c[:3] == ["rest", "--method", "POST"]
+        ]
+
+
+@pytest.fixture
+def tenant(tmp_path: Path) -> dict[str, Any]:
+    return {
+        "graph": "https://graph.microsoft.com/",
+        "servicePrincipals": {
+            PRINCIPAL: {"id": PRINCIPAL, "appRoles": []},
+            DEFENDER_APP_ID: {
+                "id": DEFENDER_SP,
+                "appRoles": [
+                    {"value": value, "id": role_id, "allowedMemberTypes": ["Application"]}
+                    for value, role_id in ROLES.items()
+                ],
+            },
+        },
+        "assignments": [],
+    }
+
+
+@pytest.fixture
+def grant(tmp_path: Path, tenant: dict[str, Any]) -> Any:
+    state, log = tmp_path / "tenant.json", tmp_path / "az-calls.jsonl"
+    state.write_text(json.dumps(tenant))
+
+    def run(*args: str) -> Run:
+        log.write_text("")
+        env = {
+            **os.environ,
+            "PATH": f"{ROOT / 'tests' / 'fakes'}{os.pathsep}{os.environ['PATH']}",
+            "FAKE_AZ_STATE": str(state),
+            "FAKE_AZ_LOG": str(log),
+        }
+        done = subprocess.run([str(SCRIPT), *args], env=env, capture_output=True, text=True, timeout=30)
+        calls = [json.loads(line) for line in log.read_text().splitlines()]
+        return Run(done.returncode, done.stdout, done.stderr, calls)
+
+    return run
+
+
+def test_refuses_without_a_principal_id_and_says_where_to_find_it(grant: Any) -> None:
+    result = grant("--dry-run")
+    assert result.code == 2
+    assert "--principal-id is required" in result.err
+    assert "principalId output" in result.err and "az functionapp identity show" in result.err
+    assert result.calls == []
+
+
+@pytest.mark.parametrize("bad", ["not-a-guid", f"{PRINCIPAL}; rm -rf /", ""])
+def test_refuses_a_principal_id_that_is_not_an_object_id(grant: Any, bad: str) -> None:
+    result = grant("--principal-id", bad)
+    assert result.code != 0 and result.calls == []
+    assert "--principal-id" in result.err
+
+
+def test_dry_run_looks_roles_up_by_value_and_prints_the_grants(grant: Any) -> None:
+    result = grant("--principal-id", PRINCIPAL, "--dry-run")
+    assert result.code == 0, result.err
+    assert result.posts() == []
+    url = f"https://graph.microsoft.com/v1.0/servicePrincipals/{PRINCIPAL}/appRoleAssignments"
+    lines = [line for line in result.out.splitlines() if line.startswith("would grant")]
+    assert [line.split(":")[0] for line in lines] == [
+        "would grant Machine.Offboard",
+        "would grant Machine.Read.All",
+    ]
+    for line, role in zip(lines, ["Machine.Offboard", "Machine.Read.All"], strict=True):
+        assert f"az rest --method POST --url {url} --headers Content-Type=application/json --body" in line
+        assert ROLES[role] in line and DEFENDER_SP in line and PRINCIPAL in line
+    assert "Machine.ReadWrite.All" not in result.out
+    # The look-ups really ran, by value: no role id was known in advance.
+    queries = [c[c.index("--query") + 1] for c in result.calls if "--query" in c]
+    assert any("value=='Machine.Offboard'" in q for q in queries)
+
+
+def test_grants_then_a_second_run_changes_nothing(grant: Any) -> None:
+    first = grant("--principal-id", PRINCIPAL, "--with-tagging")
+    assert first.code == 0, first.err
+    assert first.posts() == [
+        {"principalId": PRINCIPAL, "resourceId": DEFENDER_SP, "appRoleId": ROLES[role]}
+        for role in ("Machine.Offboard", "Machine.Read.All", "Machine.ReadWrite.All")
+    ]
+    second = grant("--principal-id", PRINCIPAL, "--with-tagging")
+    assert second.code == 0, second.err
+    assert second.posts() == []
+    assert second.out.count("already granted:") == 3 and "nothing to change" in second.out
+
+
+def test_only_missing_roles_are_granted(grant: Any, tenant: dict[str, Any], tmp_path: Path) -> None:
+    tenant["assignments"] = [
+        {"principalId": PRINCIPAL, "resourceId": DEFENDER_SP, "appRoleId": ROLES["Machine.Offboard"]}
+    ]
+    (tmp_path / "tenant.json").write_text(json.dumps(tenant))
+    result = grant("--principal-id", PRINCIPAL)
+    assert result.code == 0, result.err
+    assert [p["appRoleId"] for p in result.posts()] == [ROLES["Machine.Read.All"]]
+    assert "already granted: Machine.Offboard" in result.out
+
+
+def test_government_cloud_uses_its_own_graph(grant: Any, tenant: dict[str, Any], tmp_path: Path) -> None:
+    tenant["graph"] = "https://graph.microsoft.us/"
+    (tmp_path / "tenant.json").write_text(json.dumps(tenant))
+    result = grant("--principal-id", PRINCIPAL, "--dry-run")
+    assert result.code == 0, result.err
+    assert (
+        f"--url https://graph.microsoft.us/v1.0/servicePrincipals/{PRINCIPAL}/appRoleAssignments"
+        in result.out
+    )
+
+
+def test_unknown_principal_is_refused_before_any_change(grant: Any) -> None:
+    result = grant("--principal-id", "0f1e2d3c-0000-4000-8000-0000000000ff")
+    assert result.code == 1 and result.posts() == []
+    assert "no service principal with object id 0f1e2d3c-0000-4000-8000-0000000000ff" in result.err
+
+
+def test_tenant_without_defender_is_refused(grant: Any, tenant: dict[str, Any], tmp_path: Path) -> None:
+    del tenant["servicePrincipals"][DEFENDER_APP_ID]
+    (tmp_path / "tenant.json").write_text(json.dumps(tenant))
+    result = grant("--principal-id", PRINCIPAL)
+    assert result.code == 1 and result.posts() == []
+    assert "WindowsDefenderATP service principal" in result.err

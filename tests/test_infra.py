@@ -1,0 +1,235 @@
+"""Consistency of infra/azuredeploy.json with the app: no checkov, no Azure, just the template.
+
+The app settings the template writes are evaluated (a small evaluator for the few ARM
+functions they use) and fed to the app's own `Settings.from_env`, so a template default that
+drifts from the app's contract fails here rather than in a customer's subscription.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from shared.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+TEMPLATE_PATH = ROOT / "infra" / "azuredeploy.json"
+TEMPLATE: dict[str, Any] = json.loads(TEMPLATE_PATH.read_text())
+SAMPLE: dict[str, str] = json.loads((ROOT / "local.settings.sample.json").read_text())["Values"]
+PARAMETERS: dict[str, Any] = TEMPLATE["parameters"]
+VARIABLES: dict[str, Any] = TEMPLATE["variables"]
+INSIGHTS_CONNECTION = "<from the Application Insights resource>"
+STORAGE_ROLES = {
+    "b7e6dc6d-f1e8-4753-8033-0f276bb0955b",  # Storage Blob Data Owner: host leases, deployment package
+    "974c5e8b-45b9-4653-ba55-5f855dd0fb88",  # Storage Queue Data Contributor: the work and poison queues
+    "0a9a7e1f-b9d0-4cc4-a60d-0319b160aaa3",  # Storage Table Data Contributor: request state
+}
+
+
+class _Object(dict[str, Any]):
+    """An ARM object: `variables('defender').baseUrl` reads a key."""
+
+    def __getattr__(self, name: str) -> Any:
+        return self[name]
+
+
+def _wrap(value: Any) -> Any:
+    return _Object({k: _wrap(v) for k, v in value.items()}) if isinstance(value, dict) else value
+
+
+def evaluate(value: Any, overrides: dict[str, Any] | None = None) -> Any:
+    """Evaluates a template value the way ARM would, for the functions the app settings use."""
+    given = overrides or {}
+
+    def parameter(name: str) -> Any:
+        return given[name] if name in given else run(PARAMETERS[name].get("defaultValue"))
+
+    def variable(name: str) -> Any:
+        return _wrap(run(VARIABLES[name]))
+
+    names = {
+        "parameters": parameter,
+        "variables": variable,
+        "if_": lambda condition, then, otherwise: then if condition else otherwise,
+        "null": lambda: None,
+        "min": min,
+        "concat": lambda *parts: "".join(str(p) for p in parts),
+        "string": str,
+        "equals": lambda a, b: a == b,
+        "environment": lambda: SimpleNamespace(suffixes=SimpleNamespace(storage="core.windows.net")),
+        "uniqueString": lambda *_: "x7k2q9",
+        "resourceGroup": lambda: SimpleNamespace(id="/subscriptions/0/resourceGroups/rg", location="eastus"),
+        "resourceId": lambda *parts: "/".join(parts),
+        "reference": lambda *_: _Object(ConnectionString=INSIGHTS_CONNECTION),
+        "createObject": lambda *pairs: _Object(zip(pairs[::2], pairs[1::2], strict=True)),
+        "union": lambda *objects: _Object(kv for obj in objects for kv in obj.items()),
+        "items": lambda obj: [_Object(key=k, value=v) for k, v in sorted(obj.items())],
+        "map": lambda values, function: [function(v) for v in values],
+    }
+
+    def run(raw: Any) -> Any:
+        if isinstance(raw, dict):
+            return {k: run(v) for k, v in raw.items()}
+        if not (isinstance(raw, str) and raw.startswith("[") and raw.endswith("]")):
+            return raw
+        # ARM expressions are Python expressions once their functions are defined
+        # (`if` is a Python keyword, so it is renamed; an ARM lambda becomes a Python one).
+        expression = re.sub(r"\bif\(", "if_(", raw[1:-1])
+        expression = re.sub(r"\blambda\('(\w+)', ", r"(lambda \1: ", expression)
+        expression = re.sub(r"\blambdaVariables\('(\w+)'\)", r"\1", expression)
+        return eval(expression, {"__builtins__": {}, **names})  # noqa: S307 - our own template, fixed names
+
+    return run(value)
+
+
+def template_app_settings(**overrides: Any) -> dict[str, str]:
+    """The app settings a deployment gets, for the given parameters (defaults otherwise),
+    evaluated from the function app's own `siteConfig.appSettings` expression."""
+    (site,) = resources("Microsoft.Web/sites")
+    settings = evaluate(site["properties"]["siteConfig"]["appSettings"], overrides)
+    names = [setting["name"] for setting in settings]
+    assert len(names) == len(set(names)), "an app setting is set twice"
+    return {setting["name"]: str(setting["value"]) for setting in settings}
+
+
+def resources(kind: str) -> list[dict[str, Any]]:
+    return [r for r in TEMPLATE["resources"] if r["type"] == kind]
+
+
+def test_template_is_an_arm_deployment_template() -> None:
+    assert TEMPLATE["$schema"].endswith("/deploymentTemplate.json#")
+    example = json.loads((ROOT / "infra" / "azuredeploy.parameters.example.json").read_text())
+    assert set(example["parameters"]) <= set(PARAMETERS), "the example sets parameters the template lacks"
+
+
+@pytest.mark.parametrize(("kind", "defined"), [("parameters", PARAMETERS), ("variables", VARIABLES)])
+def test_every_parameter_and_variable_is_used(kind: str, defined: dict[str, Any]) -> None:
+    text = TEMPLATE_PATH.read_text()
+    used = set(re.findall(rf"\b{kind}\('([^']+)'\)", text))
+    assert sorted(set(defined) - used) == [], f"unused {kind}"
+    assert sorted(used - set(defined)) == [], f"undefined {kind}"
+
+
+def test_every_sample_setting_is_set_by_the_template() -> None:
+    flex, consumption = template_app_settings(), template_app_settings(hostingPlan="Consumption")
+    for name in SAMPLE:
+        if name == "AzureWebJobsStorage":
+            # Set in its identity-based form: no connection string, no key.
+            assert "AzureWebJobsStorage__queueServiceUri" in flex and "AzureWebJobsStorage" not in flex
+        elif name == "FUNCTIONS_WORKER_RUNTIME":
+            # Flex Consumption refuses this setting: its runtime is part of functionAppConfig.
+            assert evaluate(VARIABLES["flexAppConfig"])["runtime"] == {"name": "python", "version": "3.11"}
+            assert consumption[name] == SAMPLE[name]
+        else:
+            assert name in flex and name in consumption, f"{name} is not set by the template"
+
+
+def test_flex_consumption_gets_none_of_the_settings_it_refuses() -> None:
+    # functionAppConfig replaces these on Flex Consumption; set anyway, they break the app.
+    refused = {"FUNCTIONS_WORKER_RUNTIME", "FUNCTIONS_EXTENSION_VERSION", "WEBSITE_RUN_FROM_PACKAGE"}
+    assert refused & set(template_app_settings()) == set()
+    assert refused <= set(template_app_settings(hostingPlan="Consumption"))
+
+
+def test_template_defaults_match_the_sample_settings() -> None:
+    deployed = template_app_settings()
+    for name, value in SAMPLE.items():
+        if name in deployed:
+            assert deployed[name] == value, name
+
+
+@pytest.mark.parametrize("plan", PARAMETERS["hostingPlan"]["allowedValues"])
+@pytest.mark.parametrize("cloud", PARAMETERS["defenderCloud"]["allowedValues"])
+def test_every_cloud_and_plan_gives_settings_the_app_accepts(cloud: str, plan: str) -> None:
+    deployed = template_app_settings(defenderCloud=cloud, hostingPlan=plan)
+    settings = Settings.from_env(deployed)
+    assert settings.storage.uses_identity and settings.storage.client_id is None
+    assert settings.storage.queue_service_uri == "https://offboardx7k2q9.queue.core.windows.net"
+    # The base URL and the token audience are chosen together, never one without the other.
+    host = settings.defender_base_url.removeprefix("https://")
+    if cloud.startswith("Commercial"):
+        assert settings.defender_scope == "https://api.securitycenter.microsoft.com/.default"
+        assert host.endswith(".securitycenter.microsoft.com")
+    else:
+        assert settings.defender_scope == f"https://{host}/.default"
+        assert host.endswith(".securitycenter.microsoft.us")
+
+
+def test_allowed_values_match_what_the_template_maps() -> None:
+    assert set(PARAMETERS["defenderCloud"]["allowedValues"]) == set(VARIABLES["defenderClouds"])
+    assert PARAMETERS["hostingPlan"]["allowedValues"] == ["FlexConsumption", "Consumption"]
+
+
+@pytest.mark.parametrize(
+    ("parameter", "setting"),
+    [
+        ("maxAttempts", "OFFBOARD_MAX_ATTEMPTS"),
+        ("retryBaseSeconds", "OFFBOARD_RETRY_BASE_SECONDS"),
+        ("retryMaxSeconds", "OFFBOARD_RETRY_MAX_SECONDS"),
+        ("configRetrySeconds", "OFFBOARD_CONFIG_RETRY_SECONDS"),
+        ("connectTimeoutSeconds", "DEFENDER_CONNECT_TIMEOUT_SECONDS"),
+        ("readTimeoutSeconds", "DEFENDER_READ_TIMEOUT_SECONDS"),
+        ("queueName", "OFFBOARD_QUEUE_NAME"),
+    ],
+)
+def test_parameter_bounds_are_values_the_app_accepts(parameter: str, setting: str) -> None:
+    spec = PARAMETERS[parameter]
+    if spec["type"] == "int":
+        extremes = [spec["minValue"], spec["maxValue"]]
+    else:
+        extremes = ["q" * spec["minLength"], "q" * spec["maxLength"]]
+    for value in extremes:
+        deployed = template_app_settings(**{parameter: value})
+        assert deployed[setting] == str(value)
+        Settings.from_env(deployed)  # raises on a value the app would refuse at start-up
+
+
+def test_no_keys_or_secrets_anywhere() -> None:
+    text = TEMPLATE_PATH.read_text()
+    for forbidden in ("listKeys", "listkeys", "AccountKey", "InstrumentationKey", "SharedAccessSignature"):
+        assert forbidden not in text
+    (account,) = resources("Microsoft.Storage/storageAccounts")
+    props = account["properties"]
+    assert props["allowSharedKeyAccess"] is False and props["allowBlobPublicAccess"] is False
+    assert props["supportsHttpsTrafficOnly"] is True and props["minimumTlsVersion"] == "TLS1_2"
+    assert account["kind"] == "StorageV2"
+    (insights,) = resources("Microsoft.Insights/components")
+    assert insights["properties"]["DisableLocalAuth"] is True
+    assert "WorkspaceResourceId" in insights["properties"]
+
+
+def test_function_app_is_locked_down() -> None:
+    (site,) = resources("Microsoft.Web/sites")
+    assert site["kind"] == "functionapp,linux" and site["identity"] == {"type": "SystemAssigned"}
+    config = site["properties"]["siteConfig"]
+    assert site["properties"]["httpsOnly"] is True
+    assert config["ftpsState"] == "Disabled" and config["minTlsVersion"] == "1.2"
+    assert {
+        p["name"].rsplit("/", 1)[-1].rstrip("')]")
+        for p in resources("Microsoft.Web/sites/basicPublishingCredentialsPolicies")
+    } == {"ftp", "scm"}
+    assert evaluate(config["linuxFxVersion"], {"hostingPlan": "Consumption"}) == "Python|3.11"
+
+
+def test_storage_roles_are_granted_on_that_account_only() -> None:
+    assignments = resources("Microsoft.Authorization/roleAssignments")
+    storage = [a for a in assignments if "storageAccounts" in a["scope"]]
+    assert len(storage) == 1 and storage[0]["copy"]["count"].startswith(
+        "[length(items(variables('storageRoles')"
+    )
+    assert set(VARIABLES["storageRoles"].values()) == STORAGE_ROLES
+    assert evaluate(storage[0]["scope"]) == "Microsoft.Storage/storageAccounts/offboardx7k2q9"
+    for assignment in assignments:
+        assert assignment["properties"]["principalType"] == "ServicePrincipal"
+        assert "identity.principalId" in assignment["properties"]["principalId"]
+
+
+def test_outputs_name_the_identity_and_the_host() -> None:
+    outputs = TEMPLATE["outputs"]
+    assert "identity.principalId" in outputs["principalId"]["value"]
+    assert "defaultHostName" in outputs["functionAppHostName"]["value"]
