@@ -12,8 +12,7 @@ import azure.functions as func
 
 from shared import audit, callers, intake, openapi, runtime
 from shared.callers import reply
-from shared.http import error_response, json_response, status_urls
-from shared.settings import SettingsError
+from shared.http import answers_errors, error_response, json_response, status_urls
 from shared.submission import Answer
 
 app = func.FunctionApp(http_auth_level=func.AuthLevel.FUNCTION)
@@ -21,13 +20,11 @@ log = logging.getLogger(__name__)
 
 
 @app.route(route="offboard", methods=["POST", "OPTIONS"])
+@answers_errors
 def offboard(req: func.HttpRequest) -> func.HttpResponse:
     """Every caller format (see shared/callers); OPTIONS is the CloudEvents handshake."""
     caller = intake.caller_of(req.headers)
-    try:
-        services = runtime.services()
-    except SettingsError as exc:
-        return _misconfigured(exc)
+    services = runtime.services()
     inbound = callers.Inbound.of(req.method, req.get_body(), req.headers, req.params)
     try:
         recognised = callers.recognise(inbound, services.settings.default_comment)
@@ -42,63 +39,46 @@ def offboard(req: func.HttpRequest) -> func.HttpResponse:
             intake.idempotency_key(req.headers),
         )
     except intake.BadRequest as exc:
-        log.warning("Offboard request rejected (%s): %s", exc.code, exc.message)
         services.audit.try_record(
             audit.REJECTED, request_id=None, caller=caller, outcome=exc.code, detail=exc.message
         )
-        return error_response(exc.status, exc.code, exc.message)
+        raise
     return reply.items_response(recognised, answers, req.url, req.params.get("code"))
 
 
 @app.route(route="offboard/{requestId}", methods=["GET"])
+@answers_errors
 def offboard_status(req: func.HttpRequest) -> func.HttpResponse:
-    try:
-        request_id = intake.parse_request_id(req.route_params.get("requestId"))
-        record = runtime.services().store.get(request_id)
-    except SettingsError as exc:
-        return _misconfigured(exc)
-    except intake.BadRequest as exc:
-        return error_response(exc.status, exc.code, exc.message)
+    request_id = intake.parse_request_id(req.route_params.get("requestId"))
+    record = runtime.services().store.get(request_id)
     if record is None:
         return error_response(404, "RequestNotFound", f"no request {request_id}")
     return _answer(req, Answer(200 if record.final else 202, record.public()))
 
 
 @app.route(route="offboard/{requestId}/cancel", methods=["POST"])
+@answers_errors
 def offboard_cancel(req: func.HttpRequest) -> func.HttpResponse:
-    try:
-        request_id = intake.parse_request_id(req.route_params.get("requestId"))
-        services = runtime.services()
-        comment = _cancel_comment(req.get_body(), services.settings.default_comment)
-        answer = services.cancellations().cancel(request_id, comment, intake.caller_of(req.headers))
-    except SettingsError as exc:
-        return _misconfigured(exc)
-    except intake.BadRequest as exc:
-        return error_response(exc.status, exc.code, exc.message)
-    return _answer(req, answer)
+    request_id = intake.parse_request_id(req.route_params.get("requestId"))
+    services = runtime.services()
+    comment = _cancel_comment(req.get_body(), services.settings.default_comment)
+    return _answer(req, services.cancellations().cancel(request_id, comment, intake.caller_of(req.headers)))
 
 
 @app.route(route="offboard/held/release", methods=["POST"], auth_level=func.AuthLevel.ADMIN)
+@answers_errors
 def offboard_release_held(req: func.HttpRequest) -> func.HttpResponse:
     """Operators only (the master key): release every request the breaker is holding."""
-    try:
-        released = runtime.services().holds().release_all(intake.caller_of(req.headers))
-    except SettingsError as exc:
-        return _misconfigured(exc)
+    released = runtime.services().holds().release_all(intake.caller_of(req.headers))
     return json_response(200, {"released": released, "count": len(released)})
 
 
 @app.route(route="offboard/{requestId}/release", methods=["POST"], auth_level=func.AuthLevel.ADMIN)
+@answers_errors
 def offboard_release(req: func.HttpRequest) -> func.HttpResponse:
     """Operators only (the master key): release one held request."""
-    try:
-        request_id = intake.parse_request_id(req.route_params.get("requestId"))
-        state = runtime.services().holds().release(request_id, intake.caller_of(req.headers))
-    except SettingsError as exc:
-        return _misconfigured(exc)
-    except intake.BadRequest as exc:
-        return error_response(exc.status, exc.code, exc.message)
-    return json_response(200, state)
+    request_id = intake.parse_request_id(req.route_params.get("requestId"))
+    return json_response(200, runtime.services().holds().release(request_id, intake.caller_of(req.headers)))
 
 
 @app.route(route="openapi.json", methods=["GET"])
@@ -108,9 +88,20 @@ def openapi_document(req: func.HttpRequest) -> func.HttpResponse:
     return json_response(200, openapi.document_for(req.url))
 
 
+# host.json's extensions.queues.maxDequeueCount (a test keeps the two equal).
+MAX_DEQUEUE_COUNT = 5
+
+
 @app.queue_trigger(arg_name="msg", queue_name="%OFFBOARD_QUEUE_NAME%", connection="AzureWebJobsStorage")
 def offboard_worker(msg: func.QueueMessage) -> None:
-    runtime.worker().handle(msg.get_body(), msg.id or "")
+    try:
+        runtime.worker().handle(msg.get_body(), msg.id or "")
+    except Exception as exc:
+        # On its last delivery the host moves the message to poison unchanged; say so on the
+        # request first, or its status would read "Queued" forever.
+        if (getattr(msg, "dequeue_count", None) or 0) >= MAX_DEQUEUE_COUNT:
+            runtime.worker().give_up(msg.get_body(), f"{type(exc).__name__}: {str(exc)[:300]}")
+        raise
 
 
 def _answer(req: func.HttpRequest, answer: Answer) -> func.HttpResponse:
@@ -127,8 +118,3 @@ def _cancel_comment(body: bytes, default: str) -> str:
     if not isinstance(payload, dict):
         raise intake.BadRequest("InvalidBody", "the body must be a JSON object")
     return intake.comment_of(payload.get("comment"), default)
-
-
-def _misconfigured(exc: SettingsError) -> func.HttpResponse:
-    log.error("Request refused, the app is misconfigured: %s", exc)
-    return error_response(500, "ServiceMisconfigured", "the service is misconfigured; see its logs")

@@ -36,6 +36,7 @@ _MACHINE_ID = re.compile(r"[0-9a-f]{40}")
 # One comparison of a supported field with one OData string literal ('' is a quote inside).
 _FILTER = re.compile(r"(aadDeviceId|computerDnsName) eq '((?:[^']|'')*)'")
 LOOKUP = "GET /api/machines"  # the script key for device lookups
+_ACTION_FILTER = re.compile(r"machineId eq '([0-9a-f]{40})' and type eq 'Offboard'")
 
 
 @dataclass(frozen=True)
@@ -143,6 +144,13 @@ class DefenderSimulator(LoopbackServer):
                 if (m := _ACTION.fullmatch(c.path)) and (action_id is None or m.group(1) == action_id)
             ]
 
+    def offboard_actions(self, machine_id: str) -> list[dict[str, Any]]:
+        with self._lock:
+            return [dict(a) for a in self.actions.values() if a["machineId"] == machine_id]
+
+    def pending_offboard(self, machine_id: str) -> bool:
+        return any(a["status"] in ("Pending", "InProgress") for a in self.offboard_actions(machine_id))
+
     def new_action(self, machine_id: str, comment: str) -> dict[str, Any]:
         action = machine_action(machine_id, comment)
         with self._lock:
@@ -238,6 +246,13 @@ def machine_action(machine_id: str, comment: str) -> dict[str, Any]:
 
 
 class _Handler(QuietHandler):
+    def _find_actions(self, sim: DefenderSimulator, query: str) -> None:
+        filters = parse_qs(query).get("$filter", [])
+        match = _ACTION_FILTER.fullmatch(filters[0]) if len(filters) == 1 else None
+        if not match:
+            return self._reply(Reply.error(400, "InvalidInput", f"unsupported $filter {filters!r}"))
+        return self._reply(Reply(200, {"value": sim.offboard_actions(match.group(1))}))
+
     def _find_machines(self, sim: DefenderSimulator, query: str) -> None:
         scripted = sim.next_scripted(LOOKUP)
         if scripted is not None:
@@ -280,6 +295,13 @@ class _Handler(QuietHandler):
             return self._reply(Reply.error(400, "InvalidRequestBody", "Comment is required"))
         if not _MACHINE_ID.fullmatch(machine_id):
             return self._reply(Reply.error(404, "NotFound", f"Machine {machine_id} was not found"))
+        if sim.pending_offboard(machine_id):
+            # As Defender does: one offboard per machine at a time.
+            return self._reply(
+                Reply.error(
+                    400, "ActiveRequestAlreadyExists", f"an offboard of {machine_id} is already pending"
+                )
+            )
         self._reply(Reply(201, sim.new_action(machine_id, comment)))
 
     def do_GET(self) -> None:  # noqa: N802 - http.server naming
@@ -290,6 +312,8 @@ class _Handler(QuietHandler):
         parts = urlsplit(self.path)
         if parts.path == "/api/machines":
             return self._find_machines(sim, parts.query)
+        if parts.path == "/api/machineactions":
+            return self._find_actions(sim, parts.query)
         machine = _MACHINE.fullmatch(self.path)
         if machine:
             return self._get_machine(sim, machine.group(1))

@@ -31,7 +31,7 @@ class Cancellations:
             raise BadRequest("RequestNotFound", f"no request {request_id}", 404)
         if record.status in TERMINAL:
             raise BadRequest("RequestFinished", f"the request is already {record.status}", 409)
-        if record.status in NOT_SENT:
+        if record.status in NOT_SENT or record.status == "Held":
             return self._before_sending(record, caller)
         return self._in_defender(record, comment, caller)
 
@@ -46,6 +46,7 @@ class Cancellations:
             record = self.store.update(record, status="Cancelled", next_attempt_at=None)
         except StaleRecord:
             raise busy from None
+        self.store.unmark_held(record.request_id)
         return self._cancelled(record, caller, "cancelled before it was sent to Defender")
 
     def _in_defender(self, record: RequestRecord, comment: str, caller: str) -> Answer:

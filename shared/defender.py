@@ -56,6 +56,11 @@ class DefenderClient:
             "POST", f"/api/machines/{_checked_machine_id(machine_id)}/tags", {"Value": tag, "Action": "Add"}
         )
 
+    def find_offboard_actions(self, machine_id: str) -> requests.Response:
+        """GET /api/machineactions?$filter=...: the machine's offboard actions (Machine.Read.All)."""
+        odata_filter = f"machineId eq '{_checked_machine_id(machine_id)}' and type eq 'Offboard'"
+        return self._call("GET", "/api/machineactions", params={"$filter": odata_filter})
+
     def get_action(self, action_id: str) -> requests.Response:
         """GET /api/machineactions/{id}: the current status of one MachineAction."""
         return self._call("GET", f"/api/machineactions/{_checked_action_id(action_id)}")

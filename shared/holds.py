@@ -11,6 +11,8 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from azure.core.exceptions import AzureError
+
 from . import audit
 from .audit import AuditTrail
 from .intake import BadRequest
@@ -47,17 +49,21 @@ class Holds:
             record = self.store.update(record, status="Queued")
         except StaleRecord:
             raise BadRequest("RequestChanged", "the request changed meanwhile; ask again", 409) from None
-        self.queue.send(
-            OffboardMessage(
-                request_id=record.request_id,
-                machine_id=record.machine_id,
-                lookup=record.device_lookup(),
-                comment=record.comment,
-                enqueued_at=utc_now_iso(),
-                caller=record.caller,
-                dry_run=record.dry_run,
-            )
+        message = OffboardMessage(
+            request_id=record.request_id,
+            machine_id=record.machine_id,
+            lookup=record.device_lookup(),
+            comment=record.comment,
+            enqueued_at=utc_now_iso(),
+            caller=record.caller,
+            dry_run=record.dry_run,
         )
+        try:
+            self.queue.send(message)
+        except AzureError:
+            # Not queued after all: held again, so a later release (or the expiry) still sees it.
+            self.store.update(record, status="Held")
+            raise
         self.store.unmark_held(request_id)
         self.audit.record(
             audit.RELEASED,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -86,10 +87,15 @@ def parse_request_id(value: str | None) -> str:
     return text
 
 
-def caller_of(headers: Mapping[str, str]) -> str:
-    """Who called, as the host tells us: the App Service authentication principal when
-    present, else the user agent. Function keys identify no one, so nothing better exists."""
-    principal = headers.get("x-ms-client-principal-name") or headers.get("x-ms-client-principal-id")
+def caller_of(headers: Mapping[str, str], environ: Mapping[str, str] = os.environ) -> str:
+    """Who called, as the host tells us: the App Service authentication principal, else the
+    user agent. Function keys identify no one, so nothing better exists. The principal headers
+    are believed only when App Service authentication is on (it sets them, and strips any a
+    caller sent); otherwise any key holder could write a name of their choosing."""
+    authenticated = environ.get("WEBSITE_AUTH_ENABLED", "").lower() == "true"
+    principal = authenticated and (
+        headers.get("x-ms-client-principal-name") or headers.get("x-ms-client-principal-id")
+    )
     if principal:
         return _printable(f"principal:{principal}")
     agent = headers.get("user-agent")

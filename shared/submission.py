@@ -116,7 +116,9 @@ class Submissions:
                 lookup=json.dumps(request.lookup.to_dict()) if request.lookup else None,
             )
         )
-        self.audit.record(audit.RECEIVED, request_id=request_id, machine_id=request.machine_id, caller=caller)
+        self.audit.try_record(
+            audit.RECEIVED, request_id=request_id, machine_id=request.machine_id, caller=caller
+        )
         if held:
             assert admission is not None
             return self._hold(record, admission.count, status_url)
@@ -131,7 +133,7 @@ class Submissions:
         )
         try:
             self.queue.send(message)
-        except AzureError:
+        except Exception:
             # Nothing was queued: say so on the request and free the machine, then let the
             # caller see a 500 and retry.
             try:
@@ -145,7 +147,9 @@ class Submissions:
             except (AzureError, StaleRecord):
                 log.exception("Could not mark request %s as not queued", request_id)
             raise
-        self.audit.record(audit.QUEUED, request_id=request_id, machine_id=request.machine_id, caller=caller)
+        self.audit.try_record(
+            audit.QUEUED, request_id=request_id, machine_id=request.machine_id, caller=caller
+        )
         log.info("Offboard request %s queued for %s", request_id, request.device_key)
         body = {
             "requestId": request_id,

@@ -29,7 +29,14 @@ from .defender import DefenderClient
 from .errors import DefenderCallError
 from .guardrails import Protection, verdict
 from .holds import Holds
-from .messages import ActionCheckMessage, HoldExpiryMessage, MessageError, OffboardMessage, parse_message
+from .messages import (
+    ACTION_ID,
+    ActionCheckMessage,
+    HoldExpiryMessage,
+    MessageError,
+    OffboardMessage,
+    parse_message,
+)
 from .outcome import Failed, Requeue, RetryKind, RetryPolicy, Succeeded, classify
 from .queues import WorkQueue
 from .resolve import resolve
@@ -87,6 +94,26 @@ class Worker:
             self.holds.expire(message)
         else:
             self.process(message, message_id)
+
+    def give_up(self, body: bytes, reason: str) -> None:
+        """Best effort, as the host is about to poison this message: mark its request Failed."""
+        try:
+            message = parse_message(body.decode("utf-8"))
+            record = self.store.get(message.request_id)
+            if record is None or record.final:
+                return
+            self.store.update(
+                record, status="Failed", last_error_code="PoisonedByHost", last_error_message=reason
+            )
+            self.audit.record(
+                audit.FAILED,
+                request_id=record.request_id,
+                machine_id=record.machine_id,
+                outcome="PoisonedByHost",
+                detail=reason,
+            )
+        except Exception:  # storage may be what failed in the first place
+            log.exception("Could not mark the request of a message the host is poisoning")
 
     # ---- offboard -----------------------------------------------------------------------
 
@@ -222,6 +249,29 @@ class Worker:
         )
         log.info("Dry run: request %s machine %s was not offboarded", record.request_id, record.machine_id)
 
+    def _pending_action(self, machine_id: str) -> str | None:
+        """The id of the machine's offboard action Defender is still working on, if readable."""
+        try:
+            response = self.defender.find_offboard_actions(machine_id)
+        except DefenderCallError:
+            return None
+        try:
+            actions = response.json().get("value", []) if response.status_code == 200 else []
+        except (ValueError, AttributeError):
+            return None
+        open_actions = [
+            a
+            for a in actions
+            if isinstance(a, dict)
+            and a.get("status") in ("Pending", "InProgress")
+            and isinstance(a.get("id"), str)
+        ]
+        if not open_actions:
+            return None
+        newest = max(open_actions, key=lambda a: str(a.get("creationDateTimeUtc", "")))
+        action_id = newest["id"]
+        return action_id if ACTION_ID.fullmatch(action_id) else None
+
     def _tag(self, record: RequestRecord, tag: str) -> None:
         """Best effort: a missing tag must not undo or repeat an offboard."""
         try:
@@ -300,6 +350,13 @@ class Worker:
     def _submitted(self, record: RequestRecord, message: OffboardMessage, outcome: Succeeded) -> None:
         status = "Pending" if outcome.already_pending else "Submitted"
         action_id = outcome.action_id
+        note = None
+        if outcome.already_pending:
+            # Someone (a portal user, or our own earlier call whose answer was lost) already
+            # started an offboard: follow that action, so this request still ends.
+            action_id = self._pending_action(_machine(record))
+            if action_id is None:
+                note = NO_PENDING_ACTION
         if action_id:
             # Queued before the row changes: if the row write fails, the redelivered message
             # finds Defender's ActiveRequestAlreadyExists, and the check still runs.
@@ -314,7 +371,9 @@ class Worker:
             record,
             status=status,
             action_id=action_id,
-            follow_up="Scheduled" if action_id else None,
+            # Without an action there is nothing to follow: stopped, so the request is final.
+            follow_up="Scheduled" if action_id else "Stopped",
+            note=note,
             next_attempt_at=None,
             last_error_code=None,
             last_error_message=None,
@@ -489,4 +548,7 @@ def _machine(record: RequestRecord) -> str:
     return record.machine_id
 
 
+NO_PENDING_ACTION = (
+    "Defender reports an offboard already pending, but its action was not found; see the portal"
+)
 _NO_CLAIM: dict[str, None] = {"claimed_by": None, "claimed_attempt": None, "claimed_at": None}

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from shared import intake
 from shared.callers import (
     MAX_ITEMS,
     Accepted,
@@ -303,3 +304,9 @@ def test_generated_comments_fit_the_comment_rules() -> None:
     item = items_of(body).items[0]
     assert isinstance(item, Accepted)
     assert len(item.request.comment) <= 1000 and "\x00" not in item.request.comment
+
+
+def test_principal_headers_are_believed_only_with_app_service_authentication() -> None:
+    headers = {"x-ms-client-principal-name": "alice@contoso.com", "user-agent": "curl/8"}
+    assert intake.caller_of(headers, {"WEBSITE_AUTH_ENABLED": "True"}) == "principal:alice@contoso.com"
+    assert intake.caller_of(headers, {}) == "agent:curl/8"

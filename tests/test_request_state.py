@@ -90,7 +90,19 @@ def test_two_workers_racing_on_one_request_make_one_call(
     assert len(defender.offboard_calls()) == 1
 
 
-def test_active_request_already_exists_marks_the_request_pending(
+def test_an_offboard_already_pending_in_defender_is_followed(
+    services: Services, defender: DefenderSimulator, queues: Queues
+) -> None:
+    portal = defender.new_action(MACHINE, "started in the portal")  # Defender now refuses a second
+    message = adopt(services)
+    services.worker().process(message)
+    assert len(defender.offboard_calls()) == 1  # answered ActiveRequestAlreadyExists
+    record = services.store.get(message.request_id)
+    assert record is not None and record.status == "Pending" and record.action_id == portal["id"]
+    assert record.follow_up == "Scheduled" and queues.count() == 1  # its status check
+
+
+def test_a_pending_offboard_whose_action_cannot_be_found_ends_with_a_note(
     services: Services, defender: DefenderSimulator
 ) -> None:
     defender.script(MACHINE, Reply.error(400, "ActiveRequestAlreadyExists"))
@@ -98,6 +110,19 @@ def test_active_request_already_exists_marks_the_request_pending(
     services.worker().process(message)
     record = services.store.get(message.request_id)
     assert record is not None and record.status == "Pending" and record.action_id is None
+    # Final, so the poll ends and the machine is free for a later request.
+    assert record.final and "not found" in (record.note or "")
+    assert services.store.claim_machine(MACHINE, "6fa240ec-e2bc-4e35-a722-2edb01bb2028") is None
+
+
+def test_cancel_a_held_request(local_host: HostFactory, services: Services) -> None:
+    host = local_host("--no-queues", OFFBOARD_BREAKER_LIMIT="1")
+    host.post("/api/offboard", {"machineId": MACHINE})
+    held = host.post("/api/offboard", {"machineId": OTHER}).json()
+    assert held["status"] == "Held"
+    response = host.post(f"/api/offboard/{held['requestId']}/cancel")
+    assert response.status_code == 200 and response.json()["status"] == "Cancelled"
+    assert services.store.held_ids() == []
 
 
 def test_permanent_failure_is_recorded_before_poisoning(

@@ -145,3 +145,27 @@ def test_secrets_never_reach_the_logs(
     text = caplog.text  # type: ignore[attr-defined]
     assert identity.issued and all(token not in text for token in identity.tokens)
     assert identity.header_secret not in text
+
+
+def test_a_message_the_host_poisons_marks_its_request_failed(make_worker: Callable[..., Worker]) -> None:
+    from shared.state import RequestRecord
+
+    worker = make_worker()
+    message = offboard_message()
+    worker.store.create(
+        RequestRecord(message.request_id, message.machine_id, message.caller, message.comment)
+    )
+    worker.give_up(message.to_json().encode(), "ServiceRequestError: storage down")
+    record = worker.store.get(message.request_id)
+    assert record is not None and record.status == "Failed" and record.last_error_code == "PoisonedByHost"
+    assert record.final
+
+
+def test_the_worker_knows_the_hosts_dequeue_limit() -> None:
+    import json
+    from pathlib import Path
+
+    import function_app
+
+    host = json.loads((Path(__file__).parent.parent / "host.json").read_text())
+    assert host["extensions"]["queues"]["maxDequeueCount"] == function_app.MAX_DEQUEUE_COUNT

@@ -1,0 +1,41 @@
+"""The error shapes every HTTP handler answers with, whatever fails inside it."""
+
+from __future__ import annotations
+
+import json
+
+import azure.functions as func
+import pytest
+from azure.core.exceptions import ServiceRequestError
+
+from shared.http import answers_errors
+from shared.intake import BadRequest
+from shared.settings import SettingsError
+from shared.state import StaleRecord
+
+REQUEST = func.HttpRequest(method="GET", url="/api/x", headers={}, params={}, route_params={}, body=b"")
+
+
+@pytest.mark.parametrize(
+    ("failure", "status", "code"),
+    [
+        (BadRequest("InvalidThing", "the thing is wrong", 422), 422, "InvalidThing"),
+        (SettingsError(["AzureWebJobsStorage is required"]), 500, "ServiceMisconfigured"),
+        (ServiceRequestError("connection refused"), 503, "StorageUnavailable"),
+        (StaleRecord("r"), 503, "StorageUnavailable"),
+    ],
+)
+def test_failures_become_the_contract_error_body(failure: Exception, status: int, code: str) -> None:
+    def handler(req: func.HttpRequest) -> func.HttpResponse:
+        raise failure
+
+    response = answers_errors(handler)(REQUEST)
+    assert response.status_code == status
+    assert json.loads(response.get_body())["error"]["code"] == code
+    # Settings problems are for the operator's log, not for the caller.
+    assert b"AzureWebJobsStorage" not in response.get_body()
+
+
+def test_a_handler_that_succeeds_is_untouched() -> None:
+    ok = func.HttpResponse("fine", status_code=200)
+    assert answers_errors(lambda req: ok)(REQUEST) is ok
