@@ -271,7 +271,9 @@ def test_unreleased_holds_expire(local_host: HostFactory, defender: DefenderSimu
     assert defender.offboard_calls(OTHERS[1]) == []
 
 
-def test_the_breaker_counts_each_item_of_a_batch(local_host: HostFactory, defender: DefenderSimulator) -> None:
+def test_the_breaker_counts_each_item_of_a_batch(
+    local_host: HostFactory, defender: DefenderSimulator
+) -> None:
     host = local_host("--no-queues", OFFBOARD_BREAKER_LIMIT="2")
     response = host.post("/api/offboard", {"requests": [{"machineId": m} for m in OTHERS]})
     assert response.status_code == 202
