@@ -238,30 +238,49 @@ class RequestStore:
 
     # ---- idempotency keys ---------------------------------------------------------------
 
-    def recall_answer(self, key: str) -> tuple[str, int, dict[str, Any]] | None:
-        """(fingerprint of the first body, status, body) given for this key, if any."""
-        try:
-            row = self._client().get_entity(_key_partition(key), "answer")
-        except ResourceNotFoundError:
-            return None
-        return row["fingerprint"], int(row["status"]), json.loads(row["body"])
-
-    def remember_answer(self, key: str, fingerprint: str, status: int, body: dict[str, Any]) -> bool:
-        """Store the answer for `key`; False if another request stored one first."""
+    def reserve_key(self, key: str, fingerprint: str) -> bool:
+        """Claim `key` for a request about to be accepted; False if it was claimed before.
+        Reserving first means two requests racing with one key cannot both be accepted."""
         try:
             self._client().create_entity(
                 {
                     "PartitionKey": _key_partition(key),
                     "RowKey": "answer",
                     "fingerprint": fingerprint,
-                    "status": status,
-                    "body": json.dumps(body, separators=(",", ":")),
+                    "status": 0,  # no answer yet: the first request is still being accepted
+                    "body": "{}",
                     "createdAt": utc_now_iso(),
                 }
             )
             return True
         except ResourceExistsError:
             return False
+
+    def recall_answer(self, key: str) -> tuple[str, int, dict[str, Any]] | None:
+        """(fingerprint of the first body, status, body) given for this key, if any; status 0
+        while the first request is still being accepted."""
+        try:
+            row = self._client().get_entity(_key_partition(key), "answer")
+        except ResourceNotFoundError:
+            return None
+        return row["fingerprint"], int(row["status"]), json.loads(row["body"])
+
+    def remember_answer(self, key: str, fingerprint: str, status: int, body: dict[str, Any]) -> None:
+        self._client().upsert_entity(
+            {
+                "PartitionKey": _key_partition(key),
+                "RowKey": "answer",
+                "fingerprint": fingerprint,
+                "status": status,
+                "body": json.dumps(body, separators=(",", ":")),
+                "createdAt": utc_now_iso(),
+            },
+            mode=UpdateMode.REPLACE,
+        )
+
+    def forget_key(self, key: str) -> None:
+        with contextlib.suppress(ResourceNotFoundError):
+            self._client().delete_entity(_key_partition(key), "answer")
 
 
 def _key_partition(key: str) -> str:

@@ -7,6 +7,7 @@ fired twice), and a replayed idempotency key gets the answer it got the first ti
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import uuid
@@ -49,22 +50,29 @@ class Submissions:
         status_url: Callable[[str], str],
         idempotency_key: str | None = None,
     ) -> Answer:
-        if idempotency_key:
-            replay = self._replay(idempotency_key, request)
-            if replay:
-                return replay
-        answer = self._submit(request, caller, status_url)
-        if idempotency_key and not self.store.remember_answer(
-            idempotency_key, request.fingerprint, answer.status, answer.body
-        ):
-            # The same key arrived twice at once and the other one stored its answer first.
-            return self._replay(idempotency_key, request) or answer
+        if not idempotency_key:
+            return self._submit(request, caller, status_url)
+        if not self.store.reserve_key(idempotency_key, request.fingerprint):
+            return self._replay(idempotency_key, request)
+        try:
+            answer = self._submit(request, caller, status_url)
+        except BaseException:
+            # Nothing was accepted: free the key so the caller's retry is a first try.
+            with contextlib.suppress(AzureError):
+                self.store.forget_key(idempotency_key)
+            raise
+        self.store.remember_answer(idempotency_key, request.fingerprint, answer.status, answer.body)
         return answer
 
-    def _replay(self, key: str, request: OffboardRequest) -> Answer | None:
+    def _replay(self, key: str, request: OffboardRequest) -> Answer:
         remembered = self.store.recall_answer(key)
+        in_progress = BadRequest(
+            "IdempotentRequestInProgress",
+            "the first request with this idempotency key is still being accepted; ask again",
+            409,
+        )
         if remembered is None:
-            return None
+            raise in_progress  # the first one failed and freed the key a moment ago
         fingerprint, status, body = remembered
         if fingerprint != request.fingerprint:
             raise BadRequest(
@@ -72,6 +80,8 @@ class Submissions:
                 "this idempotency key was already used for a different request (machine or comment)",
                 422,
             )
+        if status == 0:
+            raise in_progress
         return Answer(status, {**body, "replayed": True})
 
     def _submit(self, request: OffboardRequest, caller: str, status_url: Callable[[str], str]) -> Answer:

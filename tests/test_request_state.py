@@ -310,3 +310,18 @@ def test_unknown_or_malformed_ids(local_host: HostFactory, path: str, status: in
     host = local_host("--no-queues")
     for response in (host.get(path), host.post(path + "/cancel")):
         assert response.status_code == status and response.json()["error"]["code"] == code
+
+
+def test_a_key_racing_with_itself_accepts_one_request(services: Services) -> None:
+    from shared.intake import BadRequest, OffboardRequest
+
+    store = services.store
+    assert store.reserve_key("race", OffboardRequest(MACHINE, "c").fingerprint)
+    # The second arrival with the key, before the first has its answer: never a second request.
+    submissions = services.submissions()
+    with pytest.raises(BadRequest) as caught:
+        submissions.submit(OffboardRequest(MACHINE, "c"), "agent:test", lambda r: r, "race")
+    assert caught.value.status == 409 and caught.value.code == "IdempotentRequestInProgress"
+    with pytest.raises(BadRequest) as different:
+        submissions.submit(OffboardRequest(OTHER, "c"), "agent:test", lambda r: r, "race")
+    assert different.value.status == 422
