@@ -7,6 +7,7 @@ that cannot be understood is never guessed at: it is refused with a reason and p
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
@@ -30,12 +31,17 @@ class OffboardMessage:
     caller: str
     attempt: int = 1  # the delivery this message is for; +1 on every re-queue
     failures: int = 0  # transient and configuration failures so far (429s don't count)
+    # The Defender call slot this message reserved before it was re-queued to wait for it
+    # (epoch seconds; see shared/pacing.py). Absent on new messages and after a call.
+    slot_at: float | None = None
 
     def next_attempt(self, *, failed: bool) -> OffboardMessage:
-        return replace(self, attempt=self.attempt + 1, failures=self.failures + int(failed))
+        return replace(self, attempt=self.attempt + 1, failures=self.failures + int(failed), slot_at=None)
 
     def to_json(self) -> str:
         body = {"v": SCHEMA_VERSION, **{_camel(k): v for k, v in asdict(self).items()}}
+        if body["slotAt"] is None:
+            del body["slotAt"]  # an optional field: older readers never see it
         return json.dumps(body, separators=(",", ":"))
 
     @classmethod
@@ -56,6 +62,7 @@ class OffboardMessage:
             caller=_text(body, "caller"),
             attempt=_count(body, "attempt"),
             failures=_count(body, "failures"),
+            slot_at=_optional_time(body, "slotAt"),
         )
 
 
@@ -75,6 +82,15 @@ def _text(body: dict[str, Any], name: str, pattern: re.Pattern[str] | None = Non
     if pattern is not None and not pattern.fullmatch(value):
         raise MessageError(f"field {name!r} is malformed")
     return value
+
+
+def _optional_time(body: dict[str, Any], name: str) -> float | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+        raise MessageError(f"field {name!r} is not a time in epoch seconds")
+    return float(value)
 
 
 def _count(body: dict[str, Any], name: str) -> int:

@@ -7,6 +7,7 @@ and tests build their own objects from `Settings` instead of touching these.
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 from .defender import DefenderClient
 from .outcome import RetryPolicy
@@ -14,6 +15,9 @@ from .queues import WorkQueue
 from .settings import Settings, get_settings
 from .token import TokenProvider
 from .worker import Worker
+
+if TYPE_CHECKING:
+    from .pacing import Pacer
 
 
 def build_work_queue(settings: Settings) -> WorkQueue:
@@ -34,7 +38,20 @@ def build_worker(settings: Settings, queue: WorkQueue) -> Worker:
         max_seconds=settings.retry_max_seconds,
         config_seconds=settings.config_retry_seconds,
     )
-    return Worker(defender=defender, queue=queue, policy=policy)
+    return Worker(defender=defender, queue=queue, policy=policy, pacer=build_pacer(settings))
+
+
+def build_pacer(settings: Settings) -> Pacer:
+    # Imported here: azure-data-tables is paid for by the first message, not by every cold
+    # start of the HTTP intake.
+    from azure.data.tables import TableClient
+
+    from .pacing import Pacer
+    from .rate_limit import RateLimiter
+
+    table = TableClient.from_connection_string(settings.storage_connection, settings.rate_limit_table)
+    limiter = RateLimiter(table, settings.rate_limits, margin=settings.rate_limit_margin_seconds)
+    return Pacer(limiter, settings.rate_limit_max_inline_wait_seconds)
 
 
 @lru_cache(maxsize=1)

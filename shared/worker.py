@@ -11,8 +11,9 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 import requests
 
@@ -22,7 +23,11 @@ from .messages import MessageError, OffboardMessage
 from .outcome import Failed, Requeue, RetryKind, RetryPolicy, Succeeded, classify
 from .queues import WorkQueue
 
+if TYPE_CHECKING:
+    from .pacing import Pacer
+
 log = logging.getLogger(__name__)
+OFFBOARD = "offboard"  # the rate-limit budget offboard calls spend
 
 
 @dataclass
@@ -32,6 +37,8 @@ class Worker:
     policy: RetryPolicy
     rng: random.Random = field(default_factory=random.Random)
     clock: Callable[[], datetime] = lambda: datetime.now(UTC)
+    # Spends the shared Defender budget (shared/pacing.py); the app always sets it.
+    pacer: Pacer | None = None
 
     def handle(self, body: bytes) -> None:
         try:
@@ -44,6 +51,8 @@ class Worker:
         self.process(message)
 
     def process(self, message: OffboardMessage) -> None:
+        if self.pacer is not None and not self._admitted(message):
+            return
         try:
             result: requests.Response | DefenderCallError = self.defender.offboard(
                 message.machine_id, message.comment
@@ -69,6 +78,8 @@ class Worker:
             self.queue.send(
                 message.next_attempt(failed=outcome.kind is not RetryKind.THROTTLED), outcome.delay_seconds
             )
+            if outcome.kind is RetryKind.THROTTLED and self.pacer is not None:
+                self._penalize(outcome.delay_seconds)
             level = logging.ERROR if outcome.kind is RetryKind.CONFIGURATION else logging.WARNING
             log.log(
                 level,
@@ -87,3 +98,33 @@ class Worker:
                 outcome.message,
                 *ids,
             )
+
+    def _admitted(self, message: OffboardMessage) -> bool:
+        """Take (or confirm) a slot in the shared budget; without room, re-queue the message
+        for its slot. Not a failure and not an attempt: Defender was not called. A table
+        error propagates, so the host redelivers the message and nothing calls Defender
+        without a reservation."""
+        assert self.pacer is not None
+        slot = self.pacer.admit(OFFBOARD, message.slot_at)
+        if slot is None:
+            return True
+        delay = self.pacer.requeue_delay(slot)
+        self.queue.send(replace(message, slot_at=slot), delay)
+        log.info(
+            "Offboard paced: request %s machine %s attempt %d holds a slot in %.1fs, back in %ds",
+            message.request_id,
+            message.machine_id,
+            message.attempt,
+            slot - self.pacer.clock(),
+            delay,
+        )
+        return False
+
+    def _penalize(self, seconds: int) -> None:
+        # The message is already safely re-queued; a table error here must not make the host
+        # redeliver it too (that would duplicate the request), so it is only logged.
+        assert self.pacer is not None
+        try:
+            self.pacer.penalize(OFFBOARD, seconds)
+        except Exception:
+            log.exception("Could not record a 429 in the shared %s budget", OFFBOARD)
