@@ -4,8 +4,8 @@ A function must not sleep for long (it holds a host thread and a queue lease), s
 whose slot is more than RATE_LIMIT_MAX_INLINE_WAIT_SECONDS away goes back to the queue with a
 visibility delay, carrying the exact slot it reserved (`OffboardMessage.slot_at`). Queue
 delays are whole seconds and the host polls at most every `maxPollingInterval`, so it is
-sent to come back about half the inline wait *before* its slot, and waits the rest inline:
-it calls on time instead of up to a couple of seconds late. When it comes back, the slot is
+sent to come back one to two seconds *before* its slot, and waits the rest inline: it calls
+on time instead of up to a couple of seconds late. When it comes back, the slot is
 checked again (`RateLimiter.still_valid`): a 429 penalty may have covered it since, or the
 message may be too late to use it safely; then it reserves a new one.
 """
@@ -21,6 +21,9 @@ from dataclasses import dataclass
 from .rate_limit import RateLimiter
 
 log = logging.getLogger(__name__)
+# How long before its slot a re-queued message becomes visible again: queue delays are whole
+# seconds, and the host may take up to maxPollingInterval to see the message.
+RETURN_LEAD_SECONDS = 2.0
 
 
 @dataclass
@@ -49,8 +52,11 @@ class Pacer:
         return None
 
     def requeue_delay(self, slot: float) -> int:
-        """Whole seconds of queue delay that bring a message back shortly before `slot`."""
-        return max(0, math.floor(slot - self.clock() - self.max_inline_wait / 2))
+        """Whole seconds of queue delay that bring a message back shortly before `slot`:
+        visible between `lead` and `lead - 1` seconds before it, so it is picked up in time
+        (host.json polls at least every 0.5 s) and then waits at most `max_inline_wait`."""
+        lead = min(self.max_inline_wait, RETURN_LEAD_SECONDS)
+        return max(0, math.ceil(slot - self.clock() - lead))
 
     def penalize(self, operation: str, seconds: float) -> None:
         self.limiter.penalize(operation, seconds)

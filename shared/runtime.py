@@ -49,7 +49,11 @@ def build_pacer(settings: Settings) -> Pacer:
     from .pacing import Pacer
     from .rate_limit import RateLimiter
 
-    table = TableClient.from_connection_string(settings.storage_connection, settings.rate_limit_table)
+    # Few, quick retries: with the table down the message is better off redelivered by the
+    # host (visibilityTimeout) than holding a worker thread for long backoffs.
+    table = TableClient.from_connection_string(
+        settings.storage_connection, settings.rate_limit_table, retry_total=2, retry_backoff_factor=0.2
+    )
     limiter = RateLimiter(table, settings.rate_limits, margin=settings.rate_limit_margin_seconds)
     return Pacer(limiter, settings.rate_limit_max_inline_wait_seconds)
 
