@@ -271,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--time-scale", type=float, default=60.0, help="Defender seconds per real second")
     parser.add_argument("--minute-calls", type=int, default=10, help="calls per minute (15x per hour)")
     parser.add_argument("--requests", type=int, default=0, help="default: 16 minutes' worth")
-    parser.add_argument("--margin", type=float, default=0.25, help="RATE_LIMIT_MARGIN_SECONDS for the app")
+    parser.add_argument("--margin", type=float, default=0.4, help="RATE_LIMIT_MARGIN_SECONDS for the app")
     parser.add_argument("--inline-wait", type=float, default=1.5, help="RATE_LIMIT_MAX_INLINE_WAIT_SECONDS")
     parser.add_argument("--senders", type=int, default=8, help="concurrent HTTP clients")
     args = parser.parse_args(argv)

@@ -41,7 +41,10 @@ class Pacer:
         else:
             if held is not None:
                 log.info(
-                    "The %s slot reserved for %.3f is no longer usable; reserving another", operation, held
+                    "The %s slot reserved for %.3f is no longer usable (now %+.3fs from it); reserving again",
+                    operation,
+                    held,
+                    self.clock() - held,
                 )
             slot = self.limiter.reserve_at(operation)
         wait = slot - self.clock()

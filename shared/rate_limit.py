@@ -85,6 +85,25 @@ class _Budget:
 
 
 @dataclass
+class _Pending:
+    slot: float | None = None
+
+
+def _next_slot(budget: _Budget, now: float, windows: Sequence[RateWindow], margin: float) -> float:
+    """Append the earliest slot every window allows (see the module docstring) and prune."""
+    slots = budget.slots
+    slot = max(now, budget.blocked_until, slots[-1] if slots else now)
+    for calls, seconds in windows:
+        if len(slots) >= calls:
+            slot = max(slot, slots[-calls] + seconds + margin)
+    slots.append(slot)
+    keep = max(calls for calls, _ in windows)
+    horizon = now - max(seconds for _, seconds in windows) - margin
+    budget.slots = [s for s in slots[-keep:] if s > horizon]
+    return slot
+
+
+@dataclass
 class RateLimiter:
     """Reserves Defender call slots for named operations, shared through one table."""
 
@@ -94,6 +113,7 @@ class RateLimiter:
     clock: Callable[[], float] = time.time
     _cache: dict[str, _Budget] = field(default_factory=dict, init=False, repr=False)
     _locks: dict[str, threading.Lock] = field(default_factory=dict, init=False, repr=False)
+    _pending: dict[str, list[_Pending]] = field(default_factory=dict, init=False, repr=False)
     _guard: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
     _table_ready: bool = field(default=False, init=False, repr=False)
 
@@ -102,22 +122,39 @@ class RateLimiter:
         return max(0.0, self.reserve_at(operation) - self.clock())
 
     def reserve_at(self, operation: str) -> float:
-        """Take the next slot for `operation`; its start as a `clock()` time."""
+        """Take the next slot for `operation`; its start as a `clock()` time.
+
+        Threads of one instance queue up and the one holding the lock reserves for all of
+        them in a single write ("group commit"): a burst costs one table write per instance
+        and per round trip, not one per message, which keeps ETag races between instances
+        short.
+        """
         windows = self._windows(operation)
+        mine = _Pending()
+        with self._guard:
+            self._pending.setdefault(operation, []).append(mine)
+        with self._lock(operation):
+            if mine.slot is not None:
+                return mine.slot  # reserved by another thread's write
+            with self._guard:
+                batch = self._pending.pop(operation, [])
 
-        def take(budget: _Budget, now: float) -> float:
-            slots = budget.slots
-            slot = max(now, budget.blocked_until, slots[-1] if slots else now)
-            for count, seconds in windows:
-                if len(slots) >= count:
-                    slot = max(slot, slots[-count] + seconds + self.margin)
-            slots.append(slot)
-            keep = max(count for count, _ in windows)
-            horizon = now - max(seconds for _, seconds in windows) - self.margin
-            budget.slots = [s for s in slots[-keep:] if s > horizon]
-            return slot
+            def take(budget: _Budget, now: float) -> list[float]:
+                # Each attempt also takes whoever queued up meanwhile: the longer instances
+                # race, the more each winning write reserves.
+                with self._guard:
+                    batch.extend(self._pending.pop(operation, []))
+                return [_next_slot(budget, now, windows, self.margin) for _ in batch]
 
-        return self._update(operation, take)
+            try:
+                slots = self._update_locked(operation, take)
+            except BaseException:
+                with self._guard:  # the others try again themselves
+                    self._pending.setdefault(operation, []).extend(p for p in batch if p is not mine)
+                raise
+            for pending, slot in zip(batch, slots, strict=True):
+                pending.slot = slot
+            return next(slot for pending, slot in zip(batch, slots, strict=True) if pending is mine)
 
     def penalize(self, operation: str, seconds: float) -> None:
         """Defender answered 429 with Retry-After `seconds`: no slot of `operation` starts
@@ -134,9 +171,9 @@ class RateLimiter:
         really reserved), no penalty covers it, and it has not gone stale (used later than
         `margin / 2` after its start would eat into the margin the proof needs)."""
         self._windows(operation)
-        with self._lock(operation):
-            budget = self._read(operation)
-            self._cache[operation] = budget
+        # A plain read, outside the lock: waiting behind another thread's reservation would
+        # make this message late for the very slot it is checking.
+        budget = self._read(operation)
         return (
             slot in budget.slots and slot >= budget.blocked_until and self.clock() <= slot + self.margin / 2
         )
@@ -154,17 +191,21 @@ class RateLimiter:
     def _update(self, operation: str, change: Callable[[_Budget, float], T]) -> T:
         # Threads of one instance take turns, so only other instances can make a write lose.
         with self._lock(operation):
-            for attempt in range(_MAX_ATTEMPTS):
-                budget = self._cache.pop(operation, None) or self._read(operation)
-                result = change(budget, self.clock())
-                try:
-                    budget.etag = self._write(operation, budget)
-                except (ResourceModifiedError, ResourceExistsError, ResourceNotFoundError):
-                    # Another instance wrote first (412/409) or the entity vanished: re-read.
-                    time.sleep(random.uniform(0, 0.002 * min(attempt + 1, 10)))
-                    continue
-                self._cache[operation] = budget
-                return result
+            return self._update_locked(operation, change)
+
+    def _update_locked(self, operation: str, change: Callable[[_Budget, float], T]) -> T:
+        for attempt in range(_MAX_ATTEMPTS):
+            budget = self._cache.pop(operation, None) or self._read(operation)
+            result = change(budget, self.clock())
+            try:
+                budget.etag = self._write(operation, budget)
+            except (ResourceModifiedError, ResourceExistsError, ResourceNotFoundError):
+                # Another instance wrote first (412/409) or the entity vanished: re-read, after
+                # a short random pause that grows, so racing instances stop colliding.
+                time.sleep(random.uniform(0, 0.004 * 2 ** min(attempt, 5)))
+                continue
+            self._cache[operation] = budget
+            return result
         raise RateLimiterBusy(f"the {operation} budget changed {_MAX_ATTEMPTS} times while reserving")
 
     def _read(self, operation: str) -> _Budget:

@@ -51,12 +51,11 @@ class Worker:
         self.process(message)
 
     def process(self, message: OffboardMessage) -> None:
-        if self.pacer is not None and not self._admitted(message):
-            return
+        result: requests.Response | DefenderCallError
         try:
-            result: requests.Response | DefenderCallError = self.defender.offboard(
-                message.machine_id, message.comment
-            )
+            if self.pacer is not None and not self._admitted(message):
+                return
+            result = self.defender.offboard(message.machine_id, message.comment)
         except DefenderCallError as exc:
             result = exc
         outcome = classify(
@@ -105,6 +104,10 @@ class Worker:
         error propagates, so the host redelivers the message and nothing calls Defender
         without a reservation."""
         assert self.pacer is not None
+        # The token first: a slot is a promise to call at that moment, and a first token
+        # request (hundreds of milliseconds) after taking it would make the call late. No
+        # token (TokenUnavailable) is classified like a failed call, and spends no slot.
+        self.defender.warm_up()
         slot = self.pacer.admit(OFFBOARD, message.slot_at)
         if slot is None:
             return True

@@ -233,6 +233,30 @@ def test_threads_never_exceed_any_window(make_limiter: Callable[..., RateLimiter
     assert ordered[3] - ordered[0] < 0.5
 
 
+def test_threads_of_one_instance_reserve_together_and_correctly(
+    make_limiter: Callable[..., RateLimiter],
+) -> None:
+    limiter = make_limiter({"offboard": WINDOWS}, margin=0.0)  # shared: one write serves many
+    slots: list[float] = []
+    lock = threading.Lock()
+
+    def spend() -> None:
+        for _ in range(5):
+            slot = limiter.reserve_at("offboard")
+            with lock:
+                slots.append(slot)
+
+    threads = [threading.Thread(target=spend) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(slots) == 40
+    assert_never_over(slots, WINDOWS)
+    stored = limiter.table.get_entity("offboard", "budget")["Slots"]
+    assert len(stored) == 8 * 10  # the last 10 slots (the largest window's count) are kept
+
+
 def reserve_in_process(connection_string: str, table_name: str, count: int) -> list[float]:
     table = TableClient.from_connection_string(connection_string, table_name)
     limiter = RateLimiter(table, {"offboard": WINDOWS}, margin=0.0)
