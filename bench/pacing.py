@@ -110,10 +110,20 @@ class Host:
             raise RuntimeError(f"a local host did not start:\n{log.read_text()[-3000:]}")
         return cls(process, json.loads(line)["port"], log)
 
-    def stop(self) -> dict[str, Any]:
-        """Stops the host (Ctrl-C, so it reports its queue invocations and their CPU)."""
+    def stop(self, *, report: bool = True) -> dict[str, Any]:
+        """Stops the host; with `report`, by Ctrl-C so it prints its queue invocations and
+        their CPU first."""
+        if not report:
+            self.process.terminate()
+            self.process.wait(10)
+            return {}
         self.process.send_signal(signal.SIGINT)
-        out, _ = self.process.communicate(timeout=20)
+        try:
+            out, _ = self.process.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            print(f"a local host did not stop on Ctrl-C; killing it (log: {self.log})", file=sys.stderr)
+            self.process.kill()
+            out, _ = self.process.communicate()
         lines = [json.loads(line) for line in out.splitlines() if line.startswith(b"{")]
         return next((line for line in lines if line.get("stopped")), {})
 
@@ -163,7 +173,7 @@ def run(
             succeeded = wait_for_successes(defender, count, deadline)
             process_cpu = sum(cpu_seconds(h.process.pid) for h in pool) - cpu_before
         finally:
-            intake.stop()
+            intake.stop(report=False)
             stats = [host.stop() for host in pool]
         invocations = sum(s.get("invocations", 0) for s in stats)
         function_cpu = sum(s.get("invocation_cpu_seconds", 0.0) for s in stats)

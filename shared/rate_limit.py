@@ -167,16 +167,20 @@ class RateLimiter:
         self._update(operation, block)
 
     def still_valid(self, operation: str, slot: float) -> bool:
-        """Whether a slot reserved earlier may still be used now: it is in the log (so it was
-        really reserved), no penalty covers it, and it has not gone stale (used later than
-        `margin / 2` after its start would eat into the margin the proof needs)."""
+        """Whether a slot reserved earlier may still be used now: no penalty covers it, it
+        has not gone stale (used later than `margin / 2` after its start would eat into the
+        margin the proof needs), and the log vouches for it: it is in the log, or older than
+        everything the log still keeps (with a backlog of more than the largest count,
+        early slots leave the log before they are used). A slot later than the newest one
+        in the log was never granted by this log (the table was reset, or the setting
+        points at another table), so it is void."""
         self._windows(operation)
         # A plain read, outside the lock: waiting behind another thread's reservation would
         # make this message late for the very slot it is checking.
         budget = self._read(operation)
-        return (
-            slot in budget.slots and slot >= budget.blocked_until and self.clock() <= slot + self.margin / 2
-        )
+        slots = budget.slots
+        vouched = bool(slots) and slot <= slots[-1] and (slot < slots[0] or slot in slots)
+        return vouched and slot >= budget.blocked_until and self.clock() <= slot + self.margin / 2
 
     def _windows(self, operation: str) -> Sequence[RateWindow]:
         windows = self.limits.get(operation)

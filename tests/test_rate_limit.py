@@ -185,6 +185,19 @@ def test_a_held_slot_is_valid_only_if_reserved_and_not_stale(
     assert not limiter.still_valid("offboard", slot)
 
 
+def test_a_backlog_longer_than_the_log_keeps_its_early_slots(
+    make_limiter: Callable[..., RateLimiter],
+) -> None:
+    clock = FakeClock(0.0)
+    limiter = make_limiter({"offboard": (RateWindow(2, 10.0),)}, margin=0.0, clock=clock)
+    slots = [limiter.reserve_at("offboard") for _ in range(6)]
+    assert slots == [0.0, 0.0, 10.0, 10.0, 20.0, 20.0]  # the log keeps only the last two
+    assert limiter.still_valid("offboard", slots[0])
+    clock.now = 10.0
+    assert limiter.still_valid("offboard", slots[2])
+    assert not limiter.still_valid("offboard", 20.5)  # later than anything it granted
+
+
 def test_the_table_is_created_on_first_use(
     azurite: Azurite, make_limiter: Callable[..., RateLimiter]
 ) -> None:
