@@ -10,11 +10,18 @@ It also serves `GET /api/machines?$filter=...` for device resolution: an exact `
 machines a test added with `add_machine` (duplicates allowed, for ambiguity). Any other
 filter is refused with 400 as Defender refuses a malformed OData filter. `script(LOOKUP, ...)`
 scripts the lookup's answers.
+
+It also enforces Defender's rate limits as sliding windows per operation (by default 100
+calls a minute and 1,500 an hour each for offboard, machine reads and action reads): a call
+that would make any window hold more than its limit is answered 429 with Retry-After (whole
+seconds until a call would be admitted). Every authenticated call counts, the refused ones
+too. `time_scale` shrinks the windows (60 makes an hour pass in a minute) for benchmarks.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 import threading
 import time
@@ -37,6 +44,48 @@ _MACHINE_ID = re.compile(r"[0-9a-f]{40}")
 _FILTER = re.compile(r"(aadDeviceId|computerDnsName) eq '((?:[^']|'')*)'")
 LOOKUP = "GET /api/machines"  # the script key for device lookups
 _ACTION_FILTER = re.compile(r"machineId eq '([0-9a-f]{40})' and type eq 'Offboard'")
+# Defender's documented limits, per application and tenant: (calls, window in seconds).
+DEFENDER_RATE_LIMITS: dict[str, tuple[tuple[int, float], ...]] = {
+    "offboard": ((100, 60.0), (1500, 3600.0)),
+    "machine-read": ((100, 60.0), (1500, 3600.0)),
+    "action-read": ((100, 60.0), (1500, 3600.0)),
+}
+
+
+def operation_of(method: str, path: str) -> str | None:
+    """Which rate-limit budget a call spends, keyed like the app's `RateLimiter`."""
+    route = path.split("?", 1)[0]
+    if method == "POST" and _OFFBOARD.fullmatch(route):
+        return "offboard"
+    if method == "GET" and route.startswith("/api/machineactions"):
+        return "action-read"
+    if method == "GET" and route.startswith("/api/machines"):
+        return "machine-read"
+    return None
+
+
+class SlidingWindows:
+    """Counts calls in sliding windows `(t - seconds, t]`, as a per-operation budget."""
+
+    def __init__(self, limits: tuple[tuple[int, float], ...], time_scale: float = 1.0) -> None:
+        self.limits = tuple((calls, seconds / time_scale) for calls, seconds in limits)
+        self._times: deque[float] = deque()
+        self._longest = max((seconds for _, seconds in self.limits), default=0.0)
+
+    def admit(self, now: float) -> float | None:
+        """Counts a call at `now`; None if admitted, else seconds until one would be."""
+        while self._times and self._times[0] <= now - self._longest:
+            self._times.popleft()
+        over = any(
+            sum(1 for t in self._times if t > now - seconds) >= calls for calls, seconds in self.limits
+        )
+        self._times.append(now)
+        if not over:
+            return None
+        # A call at t is admitted once the `calls`-th most recent one is at least a window old.
+        return max(
+            self._times[-calls] + seconds - now for calls, seconds in self.limits if len(self._times) >= calls
+        )
 
 
 @dataclass(frozen=True)
@@ -68,8 +117,16 @@ class Call:
 
 
 class DefenderSimulator(LoopbackServer):
-    def __init__(self, port: int = 0, accept_token: Callable[[str], bool] | None = None) -> None:
+    def __init__(
+        self,
+        port: int = 0,
+        accept_token: Callable[[str], bool] | None = None,
+        *,
+        rate_limits: dict[str, tuple[tuple[int, float], ...]] | None = None,
+        time_scale: float = 1.0,
+    ) -> None:
         self.calls: list[Call] = []
+        self.throttled: list[Call] = []  # calls answered 429 by the rate limits
         self.accept_token = accept_token or (lambda token: bool(token))
         self._scripts: dict[str, deque[Reply]] = defaultdict(deque)
         self._lock = threading.Lock()
@@ -80,7 +137,26 @@ class DefenderSimulator(LoopbackServer):
         # when read by id (lookups by name or AAD id find only the machines described here).
         self.machines: dict[str, dict[str, Any]] = {}
         self._action_reads: dict[str, int] = defaultdict(int)
+        limits = DEFENDER_RATE_LIMITS if rate_limits is None else rate_limits
+        self._budgets = {op: SlidingWindows(windows, time_scale) for op, windows in limits.items()}
         super().__init__(_Handler, port)
+
+    def throttle(self, call: Call) -> Reply | None:
+        """A 429 if `call` exceeds its operation's limits, else None. Counts the call."""
+        budget = self._budgets.get(operation_of(call.method, call.path) or "")
+        if budget is None:
+            return None
+        with self._lock:
+            wait = budget.admit(call.at)
+            if wait is None:
+                return None
+            self.throttled.append(call)
+        return Reply.error(
+            429,
+            "TooManyRequests",
+            "Rate limit is exceeded. Try again later.",
+            **{"Retry-After": str(max(1, math.ceil(wait)))},
+        )
 
     def find(self, field: str, value: str) -> list[dict[str, Any]]:
         with self._lock:
@@ -267,8 +343,9 @@ class _Handler(QuietHandler):
     def do_POST(self) -> None:  # noqa: N802 - http.server naming
         sim = cast(DefenderSimulator, self.server.owner)  # type: ignore[attr-defined]
         body = self.read_body()
-        sim.record(Call("POST", self.path, dict(self.headers.items()), body, time.time()))
-        if not self._authorised(sim):
+        call = Call("POST", self.path, dict(self.headers.items()), body, time.time())
+        sim.record(call)
+        if not self._admitted(sim, call):
             return None
         action = _ACTION.fullmatch(self.path)
         if action and action.group(2):
@@ -306,8 +383,9 @@ class _Handler(QuietHandler):
 
     def do_GET(self) -> None:  # noqa: N802 - http.server naming
         sim = cast(DefenderSimulator, self.server.owner)  # type: ignore[attr-defined]
-        sim.record(Call("GET", self.path, dict(self.headers.items()), b"", time.time()))
-        if not self._authorised(sim):
+        call = Call("GET", self.path, dict(self.headers.items()), b"", time.time())
+        sim.record(call)
+        if not self._admitted(sim, call):
             return None
         parts = urlsplit(self.path)
         if parts.path == "/api/machines":
@@ -364,12 +442,17 @@ class _Handler(QuietHandler):
             return self._reply(Reply.error(400, "InvalidRequest", f"action {action_id} cannot be cancelled"))
         return self._reply(Reply(200, action))
 
-    def _authorised(self, sim: DefenderSimulator) -> bool:
+    def _admitted(self, sim: DefenderSimulator, call: Call) -> bool:
+        """Authenticated, then within the rate limits (every authenticated call counts)."""
         auth = self.headers.get("Authorization", "")
-        if auth.startswith("Bearer ") and sim.accept_token(auth.removeprefix("Bearer ")):
-            return True
-        self._reply(Reply.error(401, "Unauthorized", "missing or invalid bearer token"))
-        return False
+        if not auth.startswith("Bearer ") or not sim.accept_token(auth.removeprefix("Bearer ")):
+            self._reply(Reply.error(401, "Unauthorized", "missing or invalid bearer token"))
+            return False
+        throttled = sim.throttle(call)
+        if throttled is not None:
+            self._reply(throttled)
+            return False
+        return True
 
     def _reply(self, reply: Reply) -> None:
         if reply.delay_seconds:

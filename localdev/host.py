@@ -24,6 +24,7 @@ import os
 import re
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
@@ -117,6 +118,11 @@ class LocalHost:
         # As ASP.NET routing does: literal segments win over parameters ("offboard/held/release"
         # before "offboard/{requestId}/release").
         self.routes.sort(key=lambda route: route.pattern.pattern.count("(?P<"))
+        # Queue invocations and the CPU their threads used (sleeping costs none), which the
+        # benchmark reads when the host stops.
+        self.invocations = 0
+        self.invocation_cpu_seconds = 0.0
+        self._stats_lock = threading.Lock()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._http: ThreadingHTTPServer | None = None
@@ -241,6 +247,7 @@ class LocalHost:
             expiration_time=message.expires_on,
             time_next_visible=message.next_visible_on,
         )
+        cpu = time.thread_time()
         try:
             handler(item)
         except Exception:
@@ -253,6 +260,10 @@ class LocalHost:
                 message, pop_receipt=message.pop_receipt, visibility_timeout=int(opts.visibility_timeout)
             )
             return
+        finally:
+            with self._stats_lock:
+                self.invocations += 1
+                self.invocation_cpu_seconds += time.thread_time() - cpu
         queue.delete_message(message.id, message.pop_receipt)
 
     @staticmethod
@@ -325,6 +336,8 @@ def main(argv: list[str] | None = None) -> None:
         threading.Event().wait()
     except KeyboardInterrupt:
         host.stop()
+        stats = {"invocations": host.invocations, "invocation_cpu_seconds": host.invocation_cpu_seconds}
+        print(json.dumps({"stopped": True, **stats}), flush=True)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,10 @@ class DefenderClient:
         self._session = requests.Session()
         self._session.headers["User-Agent"] = USER_AGENT
 
+    def warm_up(self) -> None:
+        """Fetch (or reuse) the token now, so a call made right after starts on time."""
+        self._tokens.token()
+
     def offboard(self, machine_id: str, comment: str) -> requests.Response:
         """POST /api/machines/{id}/offboard, exactly as the API reference shows it."""
         return self._call("POST", self.offboard_path(machine_id), {"Comment": comment})

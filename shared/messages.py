@@ -10,6 +10,7 @@ guessed at: it is refused with a reason and poisoned.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
@@ -45,13 +46,16 @@ class OffboardMessage:
     dry_run: bool = False  # everything but the offboard call itself
     lookup: Lookup | None = None
     resolved_from: Lookup | None = None
+    # The Defender call slot this message reserved before it was re-queued to wait for it
+    # (epoch seconds; see shared/pacing.py). Absent on new messages and after a call.
+    slot_at: float | None = None
 
     def __post_init__(self) -> None:
         if (self.machine_id is None) == (self.lookup is None):
             raise ValueError("a message carries exactly one of machine_id and lookup")
 
     def next_attempt(self, *, failed: bool) -> OffboardMessage:
-        return replace(self, attempt=self.attempt + 1, failures=self.failures + int(failed))
+        return replace(self, attempt=self.attempt + 1, failures=self.failures + int(failed), slot_at=None)
 
     def resolved(self, machine_id: str) -> OffboardMessage:
         return replace(self, machine_id=machine_id, lookup=None, resolved_from=self.lookup)
@@ -90,6 +94,7 @@ class OffboardMessage:
             dry_run=_flag(body, "dryRun"),
             lookup=lookup,
             resolved_from=_lookup(body, "resolvedFrom"),
+            slot_at=_optional_time(body, "slotAt"),
         )
 
 
@@ -183,6 +188,15 @@ def _flag(body: dict[str, Any], name: str) -> bool:
     if not isinstance(value, bool):
         raise MessageError(f"field {name!r} is not true or false")
     return value
+
+
+def _optional_time(body: dict[str, Any], name: str) -> float | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+        raise MessageError(f"field {name!r} is not a time in epoch seconds")
+    return float(value)
 
 
 def _count(body: dict[str, Any], name: str) -> int:

@@ -18,7 +18,9 @@ from .defender import DefenderClient
 from .guardrails import Protection
 from .holds import Holds
 from .outcome import RetryPolicy
+from .pacing import Pacer
 from .queues import WorkQueue
+from .rate_limit import RateLimiter
 from .settings import Settings, get_settings
 from .state import RequestStore
 from .storage import table_client
@@ -37,6 +39,7 @@ class Services:
     store: RequestStore
     audit: AuditTrail
     defender: DefenderClient
+    limiter: RateLimiter
 
     @classmethod
     def build(cls, settings: Settings) -> Services:
@@ -57,6 +60,16 @@ class Services:
                 connect_timeout=settings.connect_timeout_seconds,
                 read_timeout=settings.read_timeout_seconds,
             ),
+            # One limiter per process: its threads share one table write per reservation
+            # burst. Few, quick retries: with the table down the message is better off
+            # redelivered by the host (visibilityTimeout) than holding a worker thread.
+            limiter=RateLimiter(
+                table_client(
+                    settings.storage, settings.rate_limit_table, retry_total=2, retry_backoff_factor=0.2
+                ),
+                settings.rate_limits,
+                margin=settings.rate_limit_margin_seconds,
+            ),
         )
 
     def worker(self) -> Worker:
@@ -73,6 +86,7 @@ class Services:
                 config_seconds=s.config_retry_seconds,
             ),
             holds=self.holds(),
+            pacer=Pacer(self.limiter, s.rate_limit_max_inline_wait_seconds),
             guard=Guard(
                 precheck=s.precheck,
                 proceed_without_permission=s.precheck_without_permission == "proceed",

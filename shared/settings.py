@@ -7,12 +7,13 @@ operator fixes a broken deployment in one pass rather than one restart per typo.
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 from urllib.parse import urlsplit
 
 from .storage import StorageAccess, StorageSettingsError
@@ -24,8 +25,20 @@ _QUEUE_NAME = re.compile(r"[a-z0-9](?:[a-z0-9]|-(?=[a-z0-9])){2,62}")
 _MAX_WORK_QUEUE_NAME = 56
 # Table names: 3-63 letters and digits, starting with a letter (Azure's rule).
 _TABLE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9]{2,62}")
+# Defender's documented limit, per application and tenant, for offboard and for the general
+# machine and machine-action APIs alike.
+DEFAULT_RATE_LIMITS = "100/60,1500/3600"
+# The limiter keeps the last `count` slot times in one table property (64 KiB, 8 bytes each).
+_MAX_RATE_COUNT = 5000
 
 T = TypeVar("T")
+
+
+class RateWindow(NamedTuple):
+    """At most `calls` calls in any sliding window of `seconds`."""
+
+    calls: int
+    seconds: float
 
 
 class SettingsError(ValueError):
@@ -65,10 +78,25 @@ class Settings:
     breaker_window_seconds: float
     hold_expiry_seconds: float
     tag_after_offboard: str | None
+    rate_limit_table: str = "offboardratelimits"
+    offboard_rate_limits: tuple[RateWindow, ...] = (RateWindow(100, 60.0), RateWindow(1500, 3600.0))
+    machine_read_rate_limits: tuple[RateWindow, ...] = (RateWindow(100, 60.0), RateWindow(1500, 3600.0))
+    action_read_rate_limits: tuple[RateWindow, ...] = (RateWindow(100, 60.0), RateWindow(1500, 3600.0))
+    rate_limit_margin_seconds: float = 1.0
+    rate_limit_max_inline_wait_seconds: float = 5.0
 
     @property
     def poison_queue_name(self) -> str:
         return f"{self.queue_name}-poison"
+
+    @property
+    def rate_limits(self) -> dict[str, tuple[RateWindow, ...]]:
+        """Each Defender operation's own budget, keyed as `RateLimiter.reserve` expects."""
+        return {
+            "offboard": self.offboard_rate_limits,
+            "machine-read": self.machine_read_rate_limits,
+            "action-read": self.action_read_rate_limits,
+        }
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -132,6 +160,18 @@ class Settings:
             ),
             "hold_expiry_seconds": read("OFFBOARD_HOLD_EXPIRY_SECONDS", "86400", _bounded_float(1, 604_800)),
             "tag_after_offboard": read("OFFBOARD_TAG_AFTER_SUCCESS", "-", _optional_tag),
+            "rate_limit_table": read("RATE_LIMIT_TABLE_NAME", "offboardratelimits", _table_name),
+            "offboard_rate_limits": read("DEFENDER_OFFBOARD_RATE_LIMITS", DEFAULT_RATE_LIMITS, _rate_limits),
+            "machine_read_rate_limits": read(
+                "DEFENDER_MACHINE_READ_RATE_LIMITS", DEFAULT_RATE_LIMITS, _rate_limits
+            ),
+            "action_read_rate_limits": read(
+                "DEFENDER_ACTION_READ_RATE_LIMITS", DEFAULT_RATE_LIMITS, _rate_limits
+            ),
+            "rate_limit_margin_seconds": read("RATE_LIMIT_MARGIN_SECONDS", "1", _bounded_float(0, 60)),
+            "rate_limit_max_inline_wait_seconds": read(
+                "RATE_LIMIT_MAX_INLINE_WAIT_SECONDS", "5", _bounded_float(0, 60)
+            ),
         }
         if problems:
             raise SettingsError(problems)
@@ -157,8 +197,28 @@ def _table_name(raw: str) -> str:
     if not _TABLE_NAME.fullmatch(raw) or raw.lower() == "tables":
         raise ValueError(
             f"{raw!r} is not a valid table name (3-63 letters and digits, starting with a letter)"
+            f"{raw!r} is not a valid table name (3-63 letters or digits, starting with a letter)"
         )
     return raw
+
+
+def _rate_limits(raw: str) -> tuple[RateWindow, ...]:
+    """`count/seconds[,count/seconds...]`, e.g. `100/60,1500/3600`: every window holds at once."""
+    windows = []
+    for part in raw.split(","):
+        count, slash, seconds = part.strip().partition("/")
+        try:
+            window = RateWindow(int(count), float(seconds))
+        except ValueError:
+            window = None
+        if not slash or window is None or not math.isfinite(window.seconds):
+            raise ValueError(f"{part.strip()!r} is not count/seconds (e.g. 100/60,1500/3600)")
+        if not 1 <= window.calls <= _MAX_RATE_COUNT:
+            raise ValueError(f"{part.strip()!r}: the count must be 1..{_MAX_RATE_COUNT}")
+        if not 0 < window.seconds <= 604_800:
+            raise ValueError(f"{part.strip()!r}: the window must be more than 0 and at most 604800 seconds")
+        windows.append(window)
+    return tuple(windows)
 
 
 def _is_loopback(host: str) -> bool:

@@ -16,7 +16,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from azure.identity import ManagedIdentityCredential
@@ -127,15 +127,15 @@ def queue_client(storage: StorageAccess, name: str) -> QueueClient:
     )
 
 
-def table_client(storage: StorageAccess, name: str) -> TableClient:
+def table_client(storage: StorageAccess, name: str, **options: Any) -> TableClient:
     """A client for one table in the same account, with the same identity."""
     # Imported on first use: it costs cold starts about 50 ms, and only table users need it.
     from azure.data.tables import TableClient
 
     if storage.connection_string is not None:
-        return TableClient.from_connection_string(storage.connection_string, name)
+        return TableClient.from_connection_string(storage.connection_string, name, **options)
     assert storage.table_service_uri is not None
-    return TableClient(storage.table_service_uri, name, credential=_credential(storage.client_id))
+    return TableClient(storage.table_service_uri, name, credential=_credential(storage.client_id), **options)
 
 
 @lru_cache(maxsize=4)

@@ -12,13 +12,16 @@ of an earlier attempt, or a worker that lost the race to claim makes no call at 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import math
 import random
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
 
 import requests
 from azure.core.exceptions import AzureError, ResourceExistsError
@@ -42,7 +45,14 @@ from .queues import WorkQueue
 from .resolve import resolve
 from .state import ACTION_STATUSES, NOT_SENT, TERMINAL, RequestRecord, RequestStore, StaleRecord
 
+if TYPE_CHECKING:
+    from .pacing import Pacer
+
 log = logging.getLogger(__name__)
+# The rate-limit budgets (shared/rate_limit.py) each kind of Defender call spends.
+OFFBOARD = "offboard"
+MACHINE_READ = "machine-read"
+ACTION_READ = "action-read"
 
 
 @dataclass(frozen=True)
@@ -77,6 +87,8 @@ class Worker:
     holds: Holds
     follow_up: FollowUpPolicy = field(default_factory=FollowUpPolicy)
     guard: Guard = field(default_factory=Guard)
+    # Spends the shared Defender budgets (shared/pacing.py); the app always sets it.
+    pacer: Pacer | None = None
     rng: random.Random = field(default_factory=random.Random)
     clock: Callable[[], datetime] = lambda: datetime.now(UTC)
 
@@ -124,8 +136,12 @@ class Worker:
         if message.machine_id is None:
             # A request that names its device another way is resolved first; a lookup that
             # fails or must wait is settled like an offboard call, and nothing is offboarded.
+            if not self._read_slot(record, message, MACHINE_READ):
+                return
             resolved = resolve(self.defender, message, policy=self.policy, now=self.clock(), rng=self.rng)
             if isinstance(resolved, Requeue):
+                if resolved.kind is RetryKind.THROTTLED:
+                    self._penalize(MACHINE_READ, resolved.delay_seconds)
                 return self._requeue(record, message, resolved, "Device lookup")
             if isinstance(resolved, Failed):
                 return self._fail(record, message, resolved, "Device lookup")
@@ -139,7 +155,11 @@ class Worker:
                 detail=f"{message.resolved_from.by} {message.resolved_from.value} is this machine",
             )
         assert message.machine_id is not None
-        if self.guard.precheck and not self._precheck_passes(record, message):
+        if not self._offboard_slot(record, message):
+            return
+        if self.guard.precheck and not (
+            self._read_slot(record, message, MACHINE_READ) and self._precheck_passes(record, message)
+        ):
             return
         if message.dry_run:
             self._dry_run(record, message)
@@ -157,8 +177,58 @@ class Worker:
             self._submitted(record, message, outcome)
         elif isinstance(outcome, Requeue):
             self._requeue(record, message, outcome)
+            if outcome.kind is RetryKind.THROTTLED:
+                self._penalize(OFFBOARD, outcome.delay_seconds)
         else:
             self._fail(record, message, outcome)
+
+    # ---- pacing (shared/pacing.py) ------------------------------------------------------
+
+    def _offboard_slot(self, record: RequestRecord, message: OffboardMessage) -> bool:
+        """Take (or confirm) this request's slot in the shared offboard budget; without room,
+        re-queue it carrying the slot. A table error propagates: the host redelivers the
+        message and nothing calls Defender without a reservation."""
+        if self.pacer is None:
+            return True
+        # The token first: a slot is a promise to call at that moment, and a first token
+        # request (hundreds of milliseconds) after taking it would make the call late. No
+        # token is classified by the call that needs it.
+        with contextlib.suppress(DefenderCallError):
+            self.defender.warm_up()
+        slot = self.pacer.admit(OFFBOARD, message.slot_at)
+        if slot is None:
+            return True
+        self._wait_for_slot(record, message, self.pacer.requeue_delay(slot), slot)
+        return False
+
+    def _read_slot(self, record: RequestRecord, message: OffboardMessage, operation: str) -> bool:
+        """A read (lookup, precheck) spends its own budget; a far slot re-queues the request."""
+        if self.pacer is None:
+            return True
+        wait = self.pacer.limiter.reserve(operation)
+        if wait <= self.pacer.max_inline_wait:
+            self.pacer.sleep(wait)
+            return True
+        self._wait_for_slot(record, message, math.ceil(wait), None)
+        return False
+
+    def _wait_for_slot(
+        self, record: RequestRecord, message: OffboardMessage, delay: int, slot: float | None
+    ) -> None:
+        # Not a failure: Defender was not called. Audited only as the row's Throttled status:
+        # a backlog waits here by design.
+        paced = Requeue(RetryKind.THROTTLED, delay, "Paced", "waiting for a slot in Defender's rate limit")
+        self._requeue(record, message, paced, slot_at=slot)
+
+    def _penalize(self, operation: str, seconds: int) -> None:
+        # The message is already safely re-queued; a table error here must not make the host
+        # redeliver it too (that would duplicate the request), so it is only logged.
+        if self.pacer is None:
+            return
+        try:
+            self.pacer.penalize(operation, seconds)
+        except Exception:
+            log.exception("Could not record a 429 in the shared %s budget", operation)
 
     def _precheck_passes(self, record: RequestRecord, message: OffboardMessage) -> bool:
         """Reads the machine and applies the guardrails; False when the outcome is recorded."""
@@ -192,6 +262,8 @@ class Worker:
             return False
         if isinstance(outcome, Requeue):
             self._requeue(record, message, outcome, "Precheck")
+            if outcome.kind is RetryKind.THROTTLED:
+                self._penalize(MACHINE_READ, outcome.delay_seconds)
             return False
         if isinstance(outcome, Failed):
             self._fail(record, message, outcome, "Precheck")
@@ -251,6 +323,11 @@ class Worker:
 
     def _pending_action(self, machine_id: str) -> str | None:
         """The id of the machine's offboard action Defender is still working on, if readable."""
+        if self.pacer is not None:
+            wait = self.pacer.limiter.reserve(ACTION_READ)
+            if wait > self.pacer.max_inline_wait:
+                return None  # the request ends with a note rather than overspend the budget
+            self.pacer.sleep(wait)
         try:
             response = self.defender.find_offboard_actions(machine_id)
         except DefenderCallError:
@@ -399,10 +476,17 @@ class Worker:
         )
 
     def _requeue(
-        self, record: RequestRecord, message: OffboardMessage, outcome: Requeue, step: str = "Offboard"
+        self,
+        record: RequestRecord,
+        message: OffboardMessage,
+        outcome: Requeue,
+        step: str = "Offboard",
+        slot_at: float | None = None,
     ) -> None:
-        following = message.next_attempt(failed=outcome.kind is not RetryKind.THROTTLED)
-        self.queue.send(following, outcome.delay_seconds)
+        paced = outcome.code == "Paced"
+        # Waiting for a slot is no attempt: Defender was not called.
+        following = message if paced else message.next_attempt(failed=outcome.kind is not RetryKind.THROTTLED)
+        self.queue.send(replace(following, slot_at=slot_at), outcome.delay_seconds)
         throttled = outcome.kind is RetryKind.THROTTLED
         try:
             self.store.update(
@@ -422,6 +506,15 @@ class Worker:
             log.warning(
                 "Could not record the retry of request %s; its next attempt carries on", record.request_id
             )
+        if paced:
+            log.info(
+                "%s paced: request %s machine %s waits %ds for its Defender slot",
+                step,
+                record.request_id,
+                message.device,
+                outcome.delay_seconds,
+            )
+            return
         self.audit.try_record(
             audit.THROTTLED if throttled else audit.RETRYING,
             request_id=record.request_id,
@@ -479,6 +572,12 @@ class Worker:
         if record.status in TERMINAL:
             log.info("Follow-up of request %s ends: it is %s", record.request_id, record.status)
             return
+        if self.pacer is not None:
+            wait = self.pacer.limiter.reserve(ACTION_READ)
+            if wait > self.pacer.max_inline_wait:
+                self.queue.send(message, math.ceil(wait))  # the same check, when its slot comes
+                return
+            self.pacer.sleep(wait)
         try:
             result: requests.Response | DefenderCallError = self.defender.get_action(message.action_id)
         except DefenderCallError as exc:
@@ -492,6 +591,8 @@ class Worker:
             permission="Machine.Read.All",
         )
         if isinstance(outcome, Requeue):
+            if outcome.kind is RetryKind.THROTTLED:
+                self._penalize(ACTION_READ, outcome.delay_seconds)
             self._schedule_check(record, message, outcome.delay_seconds)
             return
         if isinstance(outcome, Failed):

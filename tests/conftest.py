@@ -82,6 +82,7 @@ def app_env(
         "OFFBOARD_CONFIG_RETRY_SECONDS": "60",
         "DEFENDER_CONNECT_TIMEOUT_SECONDS": "2",
         "DEFENDER_READ_TIMEOUT_SECONDS": "1",
+        "RATE_LIMIT_TABLE_NAME": queue_name,  # each test spends its own Defender budget
         **identity.env,
     }
 
