@@ -165,7 +165,7 @@ def run(
             # The benchmark measures the offboard budget: the simulator limits only offboards
             # here, so the precheck's reads get a budget that never binds, the breaker lets all
             # requests through, and status checks start after the run.
-            "DEFENDER_MACHINE_READ_RATE_LIMITS": "100000/60",
+            "DEFENDER_MACHINE_READ_RATE_LIMITS": "5000/1",
             "OFFBOARD_BREAKER_LIMIT": "1000",
             "OFFBOARD_CHECK_INITIAL_SECONDS": "3600",
         }
