@@ -49,13 +49,24 @@ class OffboardMessage:
     # The Defender call slot this message reserved before it was re-queued to wait for it
     # (epoch seconds; see shared/pacing.py). Absent on new messages and after a call.
     slot_at: float | None = None
+    # Likewise for the read it is waiting to make (device lookup or precheck), in its own
+    # budget; kept apart so a read slot is never taken for an offboard slot.
+    read_slot_at: float | None = None
+    # The precheck passed: a request that waits for its offboard slot is not read again.
+    prechecked: bool = False
 
     def __post_init__(self) -> None:
         if (self.machine_id is None) == (self.lookup is None):
             raise ValueError("a message carries exactly one of machine_id and lookup")
 
     def next_attempt(self, *, failed: bool) -> OffboardMessage:
-        return replace(self, attempt=self.attempt + 1, failures=self.failures + int(failed), slot_at=None)
+        return replace(
+            self,
+            attempt=self.attempt + 1,
+            failures=self.failures + int(failed),
+            slot_at=None,
+            read_slot_at=None,
+        )
 
     def resolved(self, machine_id: str) -> OffboardMessage:
         return replace(self, machine_id=machine_id, lookup=None, resolved_from=self.lookup)
@@ -95,6 +106,8 @@ class OffboardMessage:
             lookup=lookup,
             resolved_from=_lookup(body, "resolvedFrom"),
             slot_at=_optional_time(body, "slotAt"),
+            read_slot_at=_optional_time(body, "readSlotAt"),
+            prechecked=_flag(body, "prechecked"),
         )
 
 
@@ -107,6 +120,7 @@ class ActionCheckMessage:
     action_id: str
     submitted_at: str  # ISO 8601, UTC: when Defender accepted the offboard
     check: int = 1
+    slot_at: float | None = None  # the action-read slot it waits for (see OffboardMessage)
 
     def to_json(self) -> str:
         return _dump("check", self)
@@ -119,6 +133,7 @@ class ActionCheckMessage:
             action_id=_text(body, "actionId", ACTION_ID),
             submitted_at=_text(body, "submittedAt"),
             check=_count(body, "check"),
+            slot_at=_optional_time(body, "slotAt"),
         )
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import random
 import uuid
 from collections.abc import Callable
@@ -145,7 +144,7 @@ class Worker:
                 return self._requeue(record, message, resolved, "Device lookup")
             if isinstance(resolved, Failed):
                 return self._fail(record, message, resolved, "Device lookup")
-            message = resolved
+            message = replace(resolved, read_slot_at=None)  # that read is spent
             assert message.machine_id is not None and message.resolved_from is not None
             record = self.store.update(record, machine_id=message.machine_id)
             self.audit.try_record(
@@ -155,18 +154,23 @@ class Worker:
                 detail=f"{message.resolved_from.by} {message.resolved_from.value} is this machine",
             )
         assert message.machine_id is not None
-        if not self._offboard_slot(record, message):
-            return
-        if self.guard.precheck and not (
-            self._read_slot(record, message, MACHINE_READ) and self._precheck_passes(record, message)
-        ):
-            return
-        if message.dry_run:
+        # The precheck comes before the offboard slot: a slot is a promise to call at that
+        # moment, and a read (or a wait for one) in between would make the call late.
+        if self.guard.precheck and not message.prechecked:
+            if not self._read_slot(record, message, MACHINE_READ):
+                return
+            message = replace(message, read_slot_at=None)
+            if not self._precheck_passes(record, message):
+                return
+            message = replace(message, prechecked=True)
+        if message.dry_run:  # a rehearsal spends no offboard slot
             self._dry_run(record, message)
+            return
+        if not self._offboard_slot(record, message):
             return
         try:
             result: requests.Response | DefenderCallError = self.defender.offboard(
-                message.machine_id, message.comment
+                _machine(record), message.comment
             )
         except DefenderCallError as exc:
             result = exc
@@ -202,23 +206,28 @@ class Worker:
         return False
 
     def _read_slot(self, record: RequestRecord, message: OffboardMessage, operation: str) -> bool:
-        """A read (lookup, precheck) spends its own budget; a far slot re-queues the request."""
+        """A read (lookup, precheck) spends its own budget; a far slot re-queues the request
+        carrying that slot, so it is not taken again at the back of the line."""
         if self.pacer is None:
             return True
-        wait = self.pacer.limiter.reserve(operation)
-        if wait <= self.pacer.max_inline_wait:
-            self.pacer.sleep(wait)
+        slot = self.pacer.admit(operation, message.read_slot_at)
+        if slot is None:
             return True
-        self._wait_for_slot(record, message, math.ceil(wait), None)
+        self._wait_for_slot(record, message, self.pacer.requeue_delay(slot), read_slot=slot)
         return False
 
     def _wait_for_slot(
-        self, record: RequestRecord, message: OffboardMessage, delay: int, slot: float | None
+        self,
+        record: RequestRecord,
+        message: OffboardMessage,
+        delay: int,
+        slot: float | None = None,
+        read_slot: float | None = None,
     ) -> None:
         # Not a failure: Defender was not called. Audited only as the row's Throttled status:
         # a backlog waits here by design.
         paced = Requeue(RetryKind.THROTTLED, delay, "Paced", "waiting for a slot in Defender's rate limit")
-        self._requeue(record, message, paced, slot_at=slot)
+        self._requeue(record, message, paced, slot_at=slot, read_slot_at=read_slot)
 
     def _penalize(self, operation: str, seconds: int) -> None:
         # The message is already safely re-queued; a table error here must not make the host
@@ -482,11 +491,12 @@ class Worker:
         outcome: Requeue,
         step: str = "Offboard",
         slot_at: float | None = None,
+        read_slot_at: float | None = None,
     ) -> None:
         paced = outcome.code == "Paced"
         # Waiting for a slot is no attempt: Defender was not called.
         following = message if paced else message.next_attempt(failed=outcome.kind is not RetryKind.THROTTLED)
-        self.queue.send(replace(following, slot_at=slot_at), outcome.delay_seconds)
+        self.queue.send(replace(following, slot_at=slot_at, read_slot_at=read_slot_at), outcome.delay_seconds)
         throttled = outcome.kind is RetryKind.THROTTLED
         try:
             self.store.update(
@@ -501,6 +511,10 @@ class Worker:
                 **_NO_CLAIM,
             )
         except (StaleRecord, AzureError):
+            if paced:
+                # A paced message keeps its attempt, so the row's claim would turn it away
+                # when it returns: fail instead, and the host redelivers this very message.
+                raise
             # The next message is already queued and supersedes this attempt; raising now
             # would only send a duplicate.
             log.warning(
@@ -573,11 +587,10 @@ class Worker:
             log.info("Follow-up of request %s ends: it is %s", record.request_id, record.status)
             return
         if self.pacer is not None:
-            wait = self.pacer.limiter.reserve(ACTION_READ)
-            if wait > self.pacer.max_inline_wait:
-                self.queue.send(message, math.ceil(wait))  # the same check, when its slot comes
+            slot = self.pacer.admit(ACTION_READ, message.slot_at)
+            if slot is not None:  # the same check, carrying its slot, shortly before it
+                self.queue.send(replace(message, slot_at=slot), self.pacer.requeue_delay(slot))
                 return
-            self.pacer.sleep(wait)
         try:
             result: requests.Response | DefenderCallError = self.defender.get_action(message.action_id)
         except DefenderCallError as exc:

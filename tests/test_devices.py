@@ -65,7 +65,7 @@ def test_message_with_a_lookup_round_trips() -> None:
 
 def test_message_with_a_machine_id_keeps_the_original_shape() -> None:
     body = json.loads(offboard_message().to_json())
-    assert set(body) - {"type", "dryRun"} == {
+    assert set(body) - {"type", "dryRun", "prechecked"} == {
         "v",
         "requestId",
         "machineId",

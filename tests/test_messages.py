@@ -27,6 +27,7 @@ def test_wire_format_is_versioned_camel_case_json() -> None:
         "attempt",
         "failures",
         "dryRun",
+        "prechecked",
     }
 
 

@@ -3,6 +3,8 @@ in the worker. Windows are small (seconds, not minutes) so the suite stays fast.
 
 from __future__ import annotations
 
+import base64
+import dataclasses
 import json
 import multiprocessing
 import socket
@@ -21,6 +23,7 @@ from localdev.azurite import Azurite
 from localdev.defender_sim import DefenderSimulator, Reply, SlidingWindows, operation_of
 from shared.messages import MessageError, OffboardMessage
 from shared.rate_limit import RateLimiter
+from shared.runtime import Services
 from shared.settings import RateWindow, Settings, SettingsError
 from shared.worker import Worker
 from tests.conftest import MACHINE, Queues, RunningHost, offboard_message
@@ -399,18 +402,63 @@ def test_a_429_penalises_every_request_for_that_operation(
     assert queues.count() == 2 and queues.peek() == []  # both wait about 30 s
 
 
-def test_table_storage_down_means_no_call_and_the_message_comes_back(
-    make_worker: Callable[..., Worker], azurite: Azurite, defender: DefenderSimulator, queues: Queues
+def test_budget_table_down_means_no_call_and_the_message_comes_back(
+    make_services: Callable[..., Services], azurite: Azurite, defender: DefenderSimulator, queues: Queues
 ) -> None:
     closed = socket.socket()
     closed.bind(("127.0.0.1", 0))
     port = closed.getsockname()[1]
     closed.close()
     broken = azurite.connection_string.replace(f":{azurite.ports['table']}/", f":{port}/")
-    worker = make_worker(AzureWebJobsStorage=broken)
+    services = make_services()
+    # Only the budget is unreachable: request state and queues work, so the limiter is what stops it.
+    unreachable = TableClient.from_connection_string(broken, "budgets", retry_total=0)
+    worker = dataclasses.replace(
+        services, limiter=RateLimiter(unreachable, services.settings.rate_limits)
+    ).worker()
     with pytest.raises(AzureError):
         worker.process(offboard_message())  # the host redelivers the message later
     assert defender.offboard_calls() == [] and queues.count() == 0
+
+
+def test_a_far_read_slot_is_carried_not_taken_again(
+    make_worker: Callable[..., Worker], defender: DefenderSimulator, queues: Queues
+) -> None:
+    worker = make_worker(
+        DEFENDER_MACHINE_READ_RATE_LIMITS="1/3",
+        RATE_LIMIT_MARGIN_SECONDS="0.2",
+        RATE_LIMIT_MAX_INLINE_WAIT_SECONDS="1.5",
+        OFFBOARD_CHECK_INITIAL_SECONDS="3600",
+        OFFBOARD_CHECK_MAX_SECONDS="3600",
+    )
+    worker.process(offboard_message())
+    worker.process(offboard_message(machine_id=OTHER_MACHINE))  # its precheck read must wait
+    assert len(defender.machine_calls()) == 1 and len(defender.offboard_calls()) == 1
+    [body] = [m for m in queues.wait_for("", timeout=6) if m["type"] == "offboard"]
+    assert body["readSlotAt"] and "slotAt" not in body and body["prechecked"] is False
+    held = body["readSlotAt"]
+    deadline = time.monotonic() + 10
+    while len(defender.offboard_calls()) < 2 and time.monotonic() < deadline:  # play the host
+        received = queues.client().receive_message()
+        if received is None:
+            time.sleep(0.1)
+            continue
+        queues.client().delete_message(received)
+        body = json.loads(base64.b64decode(received.content))
+        assert body.get("readSlotAt", held) == held  # the same slot every time, never a new one
+        worker.handle(json.dumps(body).encode(), received.id)
+    first, second = defender.machine_calls()
+    assert second.at - first.at >= 3.2 - 0.05  # in its carried slot, not earlier
+    assert len(defender.offboard_calls()) == 2
+
+
+def test_a_dry_run_spends_no_offboard_slot(
+    make_worker: Callable[..., Worker], defender: DefenderSimulator, queues: Queues
+) -> None:
+    worker = make_worker(DEFENDER_OFFBOARD_RATE_LIMITS="1/60", RATE_LIMIT_MAX_INLINE_WAIT_SECONDS="0.5")
+    worker.process(offboard_message(dry_run=True))
+    worker.process(offboard_message(machine_id=OTHER_MACHINE))  # goes at once: the budget is untouched
+    assert [c.path for c in defender.offboard_calls()] == [f"/api/machines/{OTHER_MACHINE}/offboard"]
 
 
 # ---- through the local host -------------------------------------------------------------
