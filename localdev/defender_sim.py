@@ -43,6 +43,7 @@ _MACHINE_ID = re.compile(r"[0-9a-f]{40}")
 # One comparison of a supported field with one OData string literal ('' is a quote inside).
 _FILTER = re.compile(r"(aadDeviceId|computerDnsName) eq '((?:[^']|'')*)'")
 LOOKUP = "GET /api/machines"  # the script key for device lookups
+ACTION_LOOKUP = "GET /api/machineactions"  # the script key for finding a machine's actions
 _ACTION_FILTER = re.compile(r"machineId eq '([0-9a-f]{40})' and type eq 'Offboard'")
 # Defender's documented limits, per application and tenant: (calls, window in seconds).
 DEFENDER_RATE_LIMITS: dict[str, tuple[tuple[int, float], ...]] = {
@@ -323,6 +324,9 @@ def machine_action(machine_id: str, comment: str) -> dict[str, Any]:
 
 class _Handler(QuietHandler):
     def _find_actions(self, sim: DefenderSimulator, query: str) -> None:
+        scripted = sim.next_scripted(ACTION_LOOKUP)
+        if scripted is not None:
+            return self._reply(scripted)
         filters = parse_qs(query).get("$filter", [])
         match = _ACTION_FILTER.fullmatch(filters[0]) if len(filters) == 1 else None
         if not match:

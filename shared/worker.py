@@ -39,7 +39,7 @@ from .messages import (
     OffboardMessage,
     parse_message,
 )
-from .outcome import Failed, Requeue, RetryKind, RetryPolicy, Succeeded, classify
+from .outcome import Failed, Requeue, RetryKind, RetryPolicy, Succeeded, classify, parse_retry_after
 from .queues import WorkQueue
 from .resolve import resolve
 from .state import ACTION_STATUSES, NOT_SENT, TERMINAL, RequestRecord, RequestStore, StaleRecord
@@ -341,6 +341,10 @@ class Worker:
             response = self.defender.find_offboard_actions(machine_id)
         except DefenderCallError:
             return None
+        if response.status_code == 429:
+            self._penalize(
+                ACTION_READ, int(parse_retry_after(response.headers.get("Retry-After"), self.clock()) or 60)
+            )
         try:
             actions = response.json().get("value", []) if response.status_code == 200 else []
         except (ValueError, AttributeError):

@@ -325,3 +325,15 @@ def test_a_key_racing_with_itself_accepts_one_request(services: Services) -> Non
     with pytest.raises(BadRequest) as different:
         submissions.submit(OffboardRequest(OTHER, "c"), "agent:test", lambda r: r, "race")
     assert different.value.status == 422
+
+
+def test_a_throttled_pending_action_lookup_backs_off_the_action_budget(
+    services: Services, defender: DefenderSimulator
+) -> None:
+    from localdev.defender_sim import ACTION_LOOKUP
+
+    defender.script(MACHINE, Reply.error(400, "ActiveRequestAlreadyExists"))
+    defender.script(ACTION_LOOKUP, Reply.error(429, "TooManyRequests", **{"Retry-After": "30"}))
+    services.worker().process(adopt(services))
+    assert services.limiter.reserve("action-read") >= 25  # every instance waits for Defender
+    assert services.limiter.reserve("offboard") < 1  # the other budgets are untouched
