@@ -14,10 +14,13 @@ import logging
 import threading
 import uuid
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from azure.core.exceptions import AzureError, ResourceExistsError
 from azure.data.tables import TableClient
+
+if TYPE_CHECKING:
+    from .state import RequestRecord
 
 log = logging.getLogger(__name__)
 _DETAIL_LIMIT = 1000
@@ -79,6 +82,13 @@ class AuditTrail:
                 self._table.create_table()
             self._ready = True
         self._table.create_entity(entity)
+
+    def record_request(self, event: str, request: RequestRecord, **fields: Any) -> None:
+        """`record` for an event in a known request's life (its id and machine filled in)."""
+        self.record(event, request_id=request.request_id, machine_id=request.machine_id, **fields)
+
+    def try_record_request(self, event: str, request: RequestRecord, **fields: Any) -> None:
+        self.try_record(event, request_id=request.request_id, machine_id=request.machine_id, **fields)
 
     def events(self, request_id: str) -> list[dict[str, Any]]:
         rows = self._table.query_entities("PartitionKey eq @p", parameters={"p": request_id})

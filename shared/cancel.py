@@ -76,10 +76,9 @@ class Cancellations:
         return self._cancelled(record, caller, f"action {record.action_id} cancelled in Defender")
 
     def _cancelled(self, record: RequestRecord, caller: str, detail: str) -> Answer:
-        self.audit.record(
+        self.audit.record_request(
             audit.CANCELLED,
-            request_id=record.request_id,
-            machine_id=record.machine_id,
+            record,
             caller=caller,
             detail=detail,
         )

@@ -184,10 +184,9 @@ class Submissions:
         self.store.mark_held(record.request_id)
         self.queue.send(HoldExpiryMessage(record.request_id), self.hold_expiry_seconds)
         detail = f"breaker: {count} offboards accepted in the last {window} (limit {self.breaker.limit})"
-        self.audit.record(
+        self.audit.record_request(
             audit.HELD,
-            request_id=record.request_id,
-            machine_id=record.machine_id,
+            record,
             caller=record.caller,
             detail=detail,
         )

@@ -116,10 +116,9 @@ class Worker:
             self.store.update(
                 record, status="Failed", last_error_code="PoisonedByHost", last_error_message=reason
             )
-            self.audit.record(
+            self.audit.record_request(
                 audit.FAILED,
-                request_id=record.request_id,
-                machine_id=record.machine_id,
+                record,
                 outcome="PoisonedByHost",
                 detail=reason,
             )
@@ -282,10 +281,9 @@ class Worker:
             return True
         if refusal.done:
             self.store.update(record, status="Succeeded", note=refusal.message, **_NO_CLAIM)
-            self.audit.record(
+            self.audit.record_request(
                 audit.PRECHECK,
-                request_id=record.request_id,
-                machine_id=record.machine_id,
+                record,
                 outcome=refusal.code,
                 detail=refusal.message,
             )
@@ -300,10 +298,9 @@ class Worker:
         self.store.update(
             record, status="Rejected", last_error_code=code, last_error_message=reason, **_NO_CLAIM
         )
-        self.audit.record(
+        self.audit.record_request(
             audit.REJECTED,
-            request_id=record.request_id,
-            machine_id=record.machine_id,
+            record,
             outcome=code,
             detail=reason,
         )
@@ -322,10 +319,9 @@ class Worker:
             "body": {"Comment": message.comment},
         }
         self.store.update(record, status="DryRun", would_send=json.dumps(would_send), **_NO_CLAIM)
-        self.audit.record(
+        self.audit.record_request(
             audit.DRY_RUN,
-            request_id=record.request_id,
-            machine_id=record.machine_id,
+            record,
             detail=f"would send POST {would_send['path']}",
         )
         log.info("Dry run: request %s machine %s was not offboarded", record.request_id, record.machine_id)
@@ -377,9 +373,7 @@ class Worker:
                 record.machine_id,
                 detail,
             )
-        self.audit.try_record(
-            audit.TAGGED, request_id=record.request_id, machine_id=record.machine_id, detail=detail
-        )
+        self.audit.try_record_request(audit.TAGGED, record, detail=detail)
 
     def _claim(self, message: OffboardMessage, message_id: str) -> RequestRecord | None:
         """The request's row, claimed for this delivery; None when no call must be made."""
@@ -472,10 +466,9 @@ class Worker:
         if self.guard.tag:
             self._tag(record, self.guard.tag)
         detail = f"action {action_id}" if action_id else "an offboard was already pending in Defender"
-        self.audit.try_record(
+        self.audit.try_record_request(
             audit.SUBMITTED,
-            request_id=record.request_id,
-            machine_id=record.machine_id,
+            record,
             outcome=status,
             detail=detail,
         )
@@ -562,10 +555,9 @@ class Worker:
         self.store.update(
             record, status="Failed", last_error_code=outcome.code, last_error_message=outcome.message
         )
-        self.audit.record(
+        self.audit.record_request(
             audit.FAILED,
-            request_id=record.request_id,
-            machine_id=record.machine_id,
+            record,
             outcome=outcome.code,
             detail=outcome.message,
         )
@@ -623,10 +615,9 @@ class Worker:
             record = self.store.update(
                 record, status=status, follow_up="Scheduled" if status not in TERMINAL else None
             )
-            self.audit.record(
+            self.audit.record_request(
                 audit.STATUS_CHANGED,
-                request_id=record.request_id,
-                machine_id=record.machine_id,
+                record,
                 outcome=status,
                 detail=f"action {message.action_id}",
             )
@@ -652,9 +643,7 @@ class Worker:
 
     def _stop_follow_up(self, record: RequestRecord, why: str) -> None:
         self.store.update(record, follow_up="Stopped")
-        self.audit.record(
-            audit.FOLLOW_UP_STOPPED, request_id=record.request_id, machine_id=record.machine_id, detail=why
-        )
+        self.audit.record_request(audit.FOLLOW_UP_STOPPED, record, detail=why)
         log.warning(
             "Follow-up of request %s machine %s stopped: %s", record.request_id, record.machine_id, why
         )
