@@ -323,26 +323,31 @@ def machine_action(machine_id: str, comment: str) -> dict[str, Any]:
 
 
 class _Handler(QuietHandler):
-    def _find_actions(self, sim: DefenderSimulator, query: str) -> None:
-        scripted = sim.next_scripted(ACTION_LOOKUP)
+    def _filtered(
+        self, sim: DefenderSimulator, script_key: str, pattern: re.Pattern[str], query: str
+    ) -> re.Match[str] | None:
+        """The one `$filter` this route understands, or None once a scripted reply or a 400
+        (as Defender refuses a filter it cannot parse) has been sent."""
+        scripted = sim.next_scripted(script_key)
         if scripted is not None:
-            return self._reply(scripted)
+            self._reply(scripted)
+            return None
         filters = parse_qs(query).get("$filter", [])
-        match = _ACTION_FILTER.fullmatch(filters[0]) if len(filters) == 1 else None
+        match = pattern.fullmatch(filters[0]) if len(filters) == 1 else None
         if not match:
-            return self._reply(Reply.error(400, "InvalidInput", f"unsupported $filter {filters!r}"))
-        return self._reply(Reply(200, {"value": sim.offboard_actions(match.group(1))}))
+            self._reply(Reply.error(400, "InvalidInput", f"unsupported $filter {filters!r}"))
+        return match
+
+    def _find_actions(self, sim: DefenderSimulator, query: str) -> None:
+        match = self._filtered(sim, ACTION_LOOKUP, _ACTION_FILTER, query)
+        if match:
+            self._reply(Reply(200, {"value": sim.offboard_actions(match.group(1))}))
 
     def _find_machines(self, sim: DefenderSimulator, query: str) -> None:
-        scripted = sim.next_scripted(LOOKUP)
-        if scripted is not None:
-            return self._reply(scripted)
-        filters = parse_qs(query).get("$filter", [])
-        match = _FILTER.fullmatch(filters[0]) if len(filters) == 1 else None
-        if not match:
-            return self._reply(Reply.error(400, "InvalidInput", f"unsupported $filter {filters!r}"))
-        field, literal = match.group(1), match.group(2).replace("''", "'")
-        return self._reply(Reply(200, {"@odata.context": "machines", "value": sim.find(field, literal)}))
+        match = self._filtered(sim, LOOKUP, _FILTER, query)
+        if match:
+            field, literal = match.group(1), match.group(2).replace("''", "'")
+            self._reply(Reply(200, {"@odata.context": "machines", "value": sim.find(field, literal)}))
 
     def do_POST(self) -> None:  # noqa: N802 - http.server naming
         sim = cast(DefenderSimulator, self.server.owner)  # type: ignore[attr-defined]

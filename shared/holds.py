@@ -65,13 +65,7 @@ class Holds:
             self.store.update(record, status="Held")
             raise
         self.store.unmark_held(request_id)
-        self.audit.record(
-            audit.RELEASED,
-            request_id=request_id,
-            machine_id=record.machine_id,
-            caller=caller,
-            outcome="Queued",
-        )
+        self.audit.record_request(audit.RELEASED, record, caller=caller, outcome="Queued")
         log.warning("Held request %s for machine %s released by %s", request_id, record.machine_id, caller)
         return record.public()
 

@@ -18,7 +18,7 @@ import hashlib
 import json
 import threading
 from dataclasses import asdict, dataclass, fields, replace
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from azure.core import MatchConditions
@@ -32,7 +32,6 @@ from .messages import utc_now_iso
 # stopped by the blast-radius breaker until an operator releases it. Submitted, Pending,
 # InProgress: Defender has the action. The rest are final (DryRun: everything but the call).
 NOT_SENT = frozenset({"Queued", "Throttled"})
-IN_DEFENDER = frozenset({"Submitted", "Pending", "InProgress"})
 TERMINAL = frozenset({"Succeeded", "Failed", "Cancelled", "TimeOut", "Rejected", "Expired", "DryRun"})
 # Defender's MachineAction statuses map one to one onto ours.
 ACTION_STATUSES = frozenset({"Pending", "InProgress", "Succeeded", "Failed", "TimeOut", "Cancelled"})
@@ -286,11 +285,3 @@ class RequestStore:
 def _key_partition(key: str) -> str:
     # Hashed: a caller's key may hold characters a PartitionKey cannot (/, \, #, ?).
     return "key-" + hashlib.sha256(key.encode()).hexdigest()
-
-
-def fingerprint(body: bytes) -> str:
-    return hashlib.sha256(body).hexdigest()
-
-
-def now_utc() -> datetime:
-    return datetime.now(UTC)
