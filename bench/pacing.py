@@ -36,7 +36,6 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Sequence
@@ -49,7 +48,7 @@ import requests
 
 from localdev.azurite import Azurite
 from localdev.defender_sim import DefenderSimulator
-from localdev.host import LOCAL_FUNCTION_KEY
+from localdev.host import LOCAL_FUNCTION_KEY, launch
 from localdev.identity import IdentityEndpoint
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -95,20 +94,7 @@ class Host:
 
     @classmethod
     def start(cls, env: dict[str, str], *args: str) -> Host:
-        log = Path(tempfile.mkstemp(prefix="bench-host-", suffix=".log")[1])
-        with log.open("wb") as sink:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "localdev.host", "--port", "0", *args],
-                cwd=ROOT,
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=sink,
-            )
-        assert process.stdout is not None
-        line = process.stdout.readline()
-        if not line:
-            raise RuntimeError(f"a local host did not start:\n{log.read_text()[-3000:]}")
-        return cls(process, json.loads(line)["port"], log)
+        return cls(*launch(env, *args, log_prefix="bench-host-"))
 
     def stop(self, *, report: bool = True) -> dict[str, Any]:
         """Stops the host; with `report`, by Ctrl-C so it prints its queue invocations and

@@ -22,9 +22,12 @@ import json
 import logging
 import os
 import re
+import subprocess
 import sys
+import tempfile
 import threading
 import time
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
@@ -309,6 +312,28 @@ class _HttpHandler(QuietHandler):
         self.send(response.status_code, response.get_body() or b"", out_headers)
 
     do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _handle  # noqa: N815
+
+
+def launch(
+    env: Mapping[str, str], *args: str, log_prefix: str = "localhost-"
+) -> tuple[subprocess.Popen[bytes], int | None, Path]:
+    """Starts `python -m localdev.host` (HTTP on a free port) with `env` and waits for its
+    ready line: the process, its HTTP port (None with `--no-http`) and the file it logs to."""
+    with tempfile.NamedTemporaryFile(prefix=log_prefix, suffix=".log", delete=False) as sink:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "localdev.host", "--port", "0", *args],
+            cwd=ROOT,
+            env=dict(env),
+            stdout=subprocess.PIPE,
+            stderr=sink,
+        )
+    log = Path(sink.name)
+    assert process.stdout is not None
+    line = process.stdout.readline()
+    if not line:
+        process.wait(5)
+        raise RuntimeError(f"a local host did not start:\n{log.read_text(errors='replace')[-3000:]}")
+    return process, json.loads(line)["port"], log
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -9,8 +9,6 @@ import json
 import logging
 import os
 import subprocess
-import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -25,7 +23,7 @@ from azure.storage.queue import QueueClient
 
 from localdev.azurite import Azurite
 from localdev.defender_sim import DefenderSimulator
-from localdev.host import LOCAL_FUNCTION_KEY
+from localdev.host import LOCAL_FUNCTION_KEY, launch
 from localdev.identity import IdentityEndpoint
 from shared.messages import OffboardMessage
 from shared.runtime import Services
@@ -187,22 +185,8 @@ def local_host(app_env: dict[str, str]) -> Iterator[Callable[..., RunningHost]]:
     started: list[RunningHost] = []
 
     def start(*args: str, **overrides: str) -> RunningHost:
-        log_file = tempfile.NamedTemporaryFile(prefix="localhost-", suffix=".log", delete=False)  # noqa: SIM115
-        env = {**os.environ, **app_env, **overrides}
-        process = subprocess.Popen(
-            [sys.executable, "-m", "localdev.host", "--port", "0", *args],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=log_file,
-        )
-        assert process.stdout is not None
-        line = process.stdout.readline()
-        if not line:
-            process.wait(5)
-            raise RuntimeError(f"local host did not start:\n{Path(log_file.name).read_text()}")
-        ready = json.loads(line)
-        host = RunningHost(f"http://127.0.0.1:{ready['port']}", process, Path(log_file.name))
+        process, port, log = launch({**os.environ, **app_env, **overrides}, *args)
+        host = RunningHost(f"http://127.0.0.1:{port}", process, log)
         started.append(host)
         return host
 
