@@ -10,10 +10,13 @@ import logging
 
 import azure.functions as func
 
-from shared import audit, callers, intake, openapi, runtime
-from shared.callers import reply
-from shared.http import answers_errors, error_response, json_response, status_urls
-from shared.submission import Answer
+from shared import runtime
+from shared.adapters import audit
+from shared.http import callers, openapi
+from shared.http import validate as intake
+from shared.http.callers import reply
+from shared.http.responses import answers_errors, error_response, json_response, status_urls
+from shared.intake.submission import Answer
 
 app = func.FunctionApp(http_auth_level=func.AuthLevel.FUNCTION)
 log = logging.getLogger(__name__)

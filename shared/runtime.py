@@ -11,22 +11,22 @@ from functools import lru_cache
 
 from azure.data.tables import TableClient
 
-from .audit import AuditTrail
-from .breaker import BlastRadiusBreaker
-from .cancel import Cancellations
-from .defender import DefenderClient
-from .guardrails import Protection
-from .holds import Holds
-from .outcome import RetryPolicy
-from .pacing import Pacer
-from .queues import WorkQueue
-from .rate_limit import RateLimiter
+from .adapters.audit import AuditTrail
+from .adapters.breaker import BlastRadiusBreaker
+from .adapters.defender import DefenderClient
+from .adapters.queues import WorkQueue
+from .adapters.rate_limit import RateLimiter
+from .adapters.request_store import RequestStore
+from .adapters.storage import table_client
+from .adapters.tokens import TokenProvider
+from .domain.guardrails import Protection
+from .domain.outcome import RetryPolicy
+from .intake.cancel import Cancellations
+from .intake.holds import Holds
+from .intake.submission import Submissions
 from .settings import Settings, get_settings
-from .state import RequestStore
-from .storage import table_client
-from .submission import Submissions
-from .token import TokenProvider
-from .worker import FollowUpPolicy, Guard, Worker
+from .worker.pacing import Pacer
+from .worker.worker import FollowUpPolicy, Guard, Worker
 
 
 @dataclass(frozen=True)

@@ -25,10 +25,10 @@ from localdev.azurite import Azurite
 from localdev.defender_sim import DefenderSimulator
 from localdev.host import LOCAL_FUNCTION_KEY, launch
 from localdev.identity import IdentityEndpoint
-from shared.messages import OffboardMessage
+from shared.domain.messages import OffboardMessage
 from shared.runtime import Services
 from shared.settings import Settings
-from shared.worker import Worker
+from shared.worker.worker import Worker
 
 ROOT = Path(__file__).resolve().parent.parent
 # The SDKs log every HTTP exchange at INFO; the app's own records are what tests read.

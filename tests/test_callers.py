@@ -11,8 +11,9 @@ from typing import Any
 
 import pytest
 
-from shared import intake
-from shared.callers import (
+from shared.domain.devices import Lookup
+from shared.http import validate as intake
+from shared.http.callers import (
     MAX_ITEMS,
     Accepted,
     Handshake,
@@ -22,8 +23,7 @@ from shared.callers import (
     Rejected,
     recognise,
 )
-from shared.devices import Lookup
-from shared.intake import BadRequest, OffboardRequest
+from shared.http.validate import BadRequest, OffboardRequest
 from tests.conftest import MACHINE
 
 PAYLOADS = Path(__file__).parent / "payloads"

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from shared.devices import InvalidLookup, Lookup, odata_literal
-from shared.messages import MessageError, OffboardMessage
+from shared.domain.devices import InvalidLookup, Lookup, odata_literal
+from shared.domain.messages import MessageError, OffboardMessage
 from tests.conftest import MACHINE, offboard_message
 
 AAD = "80fe8a4c-2b7e-4a6b-9d3c-2f1e0c5a7b61"

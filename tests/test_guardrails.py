@@ -11,7 +11,7 @@ import requests
 
 from localdev.defender_sim import DefenderSimulator, Reply
 from localdev.host import LOCAL_MASTER_KEY
-from shared.guardrails import Protection, os_supported, verdict
+from shared.domain.guardrails import Protection, os_supported, verdict
 from shared.runtime import Services
 from shared.settings import Settings, SettingsError
 from tests.conftest import MACHINE, RunningHost

@@ -8,10 +8,10 @@ import azure.functions as func
 import pytest
 from azure.core.exceptions import ServiceRequestError
 
-from shared.http import answers_errors
-from shared.intake import BadRequest
+from shared.adapters.request_store import StaleRecord
+from shared.http.responses import answers_errors
+from shared.http.validate import BadRequest
 from shared.settings import SettingsError
-from shared.state import StaleRecord
 
 REQUEST = func.HttpRequest(method="GET", url="/api/x", headers={}, params={}, route_params={}, body=b"")
 

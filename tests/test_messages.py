@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from shared.messages import ActionCheckMessage, MessageError, OffboardMessage, parse_message
+from shared.domain.messages import ActionCheckMessage, MessageError, OffboardMessage, parse_message
 from tests.conftest import offboard_message
 
 

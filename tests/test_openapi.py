@@ -15,7 +15,7 @@ from openapi_spec_validator import validate
 from openapi_spec_validator.validation.exceptions import OpenAPIValidationError
 
 from function_app import app
-from shared.openapi import DOCUMENT
+from shared.http.openapi import DOCUMENT
 from tests.conftest import RunningHost
 
 # Operator routes (ADMIN level, the master key) are not for a custom connector's users.

@@ -10,8 +10,8 @@ from email.utils import format_datetime
 import pytest
 import requests
 
-from shared.errors import ConnectionFailed, NoResponse, TokenUnavailable
-from shared.outcome import (
+from shared.domain.errors import ConnectionFailed, NoResponse, TokenUnavailable
+from shared.domain.outcome import (
     MAX_DELAY_SECONDS,
     Failed,
     Requeue,

@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from shared.callers import Accepted, Inbound, Items, recognise
+from shared.http.callers import Accepted, Inbound, Items, recognise
 from tests.conftest import MACHINE
 
 ROOT = Path(__file__).resolve().parent.parent

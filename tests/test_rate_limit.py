@@ -21,11 +21,11 @@ from azure.data.tables import TableClient, TableServiceClient
 
 from localdev.azurite import Azurite
 from localdev.defender_sim import DefenderSimulator, Reply, SlidingWindows, operation_of
-from shared.messages import MessageError, OffboardMessage
-from shared.rate_limit import RateLimiter
+from shared.adapters.rate_limit import RateLimiter
+from shared.domain.messages import MessageError, OffboardMessage
 from shared.runtime import Services
 from shared.settings import RateWindow, Settings, SettingsError
-from shared.worker import Worker
+from shared.worker.worker import Worker
 from tests.conftest import MACHINE, Queues, RunningHost, offboard_message
 
 OTHER_MACHINE = "2f6cd0e8f524eee8a13d3a43f529813c95e1dd18"

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 
 from localdev.defender_sim import DefenderSimulator, Reply
+from shared.adapters.request_store import RequestRecord
 from shared.runtime import Services
-from shared.state import RequestRecord
 from tests.conftest import MACHINE, Queues, RunningHost, offboard_message
 
 HostFactory = Callable[..., RunningHost]
@@ -313,7 +313,7 @@ def test_unknown_or_malformed_ids(local_host: HostFactory, path: str, status: in
 
 
 def test_a_key_racing_with_itself_accepts_one_request(services: Services) -> None:
-    from shared.intake import BadRequest, OffboardRequest
+    from shared.http.validate import BadRequest, OffboardRequest
 
     store = services.store
     assert store.reserve_key("race", OffboardRequest(MACHINE, "c").fingerprint)

@@ -12,8 +12,8 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 
 from localdev.defender_sim import LOOKUP, DefenderSimulator, Reply
-from shared.devices import Lookup
-from shared.worker import Worker
+from shared.domain.devices import Lookup
+from shared.worker.worker import Worker
 from tests.conftest import MACHINE, Queues, offboard_message
 
 OTHER = "2a6cd9e3f1b04c7d8e9fa0b1c2d3e4f5a6b7c8d9"

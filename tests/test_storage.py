@@ -10,8 +10,8 @@ import pytest
 from azure.identity import ManagedIdentityCredential
 from azure.storage.queue import TextBase64DecodePolicy, TextBase64EncodePolicy
 
+from shared.adapters.storage import StorageAccess, StorageSettingsError, queue_client, table_client
 from shared.settings import Settings, SettingsError
-from shared.storage import StorageAccess, StorageSettingsError, queue_client, table_client
 
 QUEUE_URI = "https://offboardst1.queue.core.usgovcloudapi.net/"
 TABLE_URI = "https://offboardst1.table.core.usgovcloudapi.net/"

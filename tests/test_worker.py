@@ -8,8 +8,8 @@ from collections.abc import Callable
 
 from localdev.defender_sim import DefenderSimulator, Reply
 from localdev.identity import IdentityEndpoint
-from shared.messages import OffboardMessage
-from shared.worker import Worker
+from shared.domain.messages import OffboardMessage
+from shared.worker.worker import Worker
 from tests.conftest import MACHINE, Queues, offboard_message
 
 
@@ -150,7 +150,7 @@ def test_secrets_never_reach_the_logs(
 
 
 def test_a_message_the_host_poisons_marks_its_request_failed(make_worker: Callable[..., Worker]) -> None:
-    from shared.state import RequestRecord
+    from shared.adapters.request_store import RequestRecord
 
     worker = make_worker()
     message = offboard_message()

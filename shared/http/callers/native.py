@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from .. import intake
-from ..devices import InvalidLookup, Lookup
-from ..intake import BadRequest, OffboardRequest
+from ...domain.devices import InvalidLookup, Lookup
+from .. import validate as intake
+from ..validate import BadRequest, OffboardRequest
 from .results import FORMATS_UNDERSTOOD, MAX_ITEMS, Accepted, Item, Items, Rejected
 
 _LOOKUP_ERRORS = {"aadDeviceId": "InvalidAadDeviceId", "deviceName": "InvalidDeviceName"}

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import requests
 
-from .errors import ConnectionFailed, NoResponse
-from .messages import ACTION_ID, MACHINE_ID
-from .token import TokenProvider
+from ..domain.errors import ConnectionFailed, NoResponse
+from ..domain.messages import ACTION_ID, MACHINE_ID
+from .tokens import TokenProvider
 
 USER_AGENT = "defender-offboard-function/1.0"
 

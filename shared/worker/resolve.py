@@ -20,11 +20,11 @@ from typing import Any
 
 import requests
 
-from .defender import DefenderClient
-from .devices import FILTER_FIELD, Lookup
-from .errors import DefenderCallError
-from .messages import MACHINE_ID, OffboardMessage
-from .outcome import Failed, Requeue, RetryPolicy, Succeeded, classify
+from ..adapters.defender import DefenderClient
+from ..domain.devices import FILTER_FIELD, Lookup
+from ..domain.errors import DefenderCallError
+from ..domain.messages import MACHINE_ID, OffboardMessage
+from ..domain.outcome import Failed, Requeue, RetryPolicy, Succeeded, classify
 
 log = logging.getLogger(__name__)
 READ_PERMISSION = "Machine.Read.All"

@@ -7,13 +7,13 @@ import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from . import audit
-from .audit import AuditTrail
-from .defender import DefenderClient
-from .errors import DefenderCallError
-from .intake import BadRequest
-from .outcome import error_of
-from .state import NOT_SENT, TERMINAL, RequestRecord, RequestStore, StaleRecord
+from ..adapters import audit
+from ..adapters.audit import AuditTrail
+from ..adapters.defender import DefenderClient
+from ..adapters.request_store import NOT_SENT, TERMINAL, RequestRecord, RequestStore, StaleRecord
+from ..domain.errors import DefenderCallError
+from ..domain.outcome import error_of
+from ..http.validate import BadRequest
 from .submission import Answer
 
 log = logging.getLogger(__name__)

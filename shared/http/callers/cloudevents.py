@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..intake import BadRequest
+from ..validate import BadRequest
 from .native import item_of
 from .results import MAX_ITEMS, OFFBOARD_EVENT_TYPE, Handshake, Ignored, Inbound, Item, Items, Rejected
 

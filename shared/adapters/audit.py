@@ -20,7 +20,7 @@ from azure.core.exceptions import AzureError, ResourceExistsError
 from azure.data.tables import TableClient
 
 if TYPE_CHECKING:
-    from .state import RequestRecord
+    from .request_store import RequestRecord
 
 log = logging.getLogger(__name__)
 _DETAIL_LIMIT = 1000

@@ -15,8 +15,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .devices import Lookup
-from .messages import REQUEST_ID
+from ..domain.devices import Lookup
+from ..domain.messages import REQUEST_ID
 
 MAX_BODY_BYTES = 64 * 1024
 MAX_COMMENT_CHARS = 1000

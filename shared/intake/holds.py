@@ -13,12 +13,12 @@ from typing import Any
 
 from azure.core.exceptions import AzureError
 
-from . import audit
-from .audit import AuditTrail
-from .intake import BadRequest
-from .messages import HoldExpiryMessage, OffboardMessage, utc_now_iso
-from .queues import WorkQueue
-from .state import RequestStore, StaleRecord
+from ..adapters import audit
+from ..adapters.audit import AuditTrail
+from ..adapters.queues import WorkQueue
+from ..adapters.request_store import RequestStore, StaleRecord
+from ..domain.messages import HoldExpiryMessage, OffboardMessage, utc_now_iso
+from ..http.validate import BadRequest
 
 log = logging.getLogger(__name__)
 

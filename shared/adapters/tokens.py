@@ -13,7 +13,7 @@ from azure.core.credentials import TokenCredential
 from azure.core.exceptions import AzureError
 from azure.identity import ManagedIdentityCredential
 
-from .errors import TokenUnavailable
+from ..domain.errors import TokenUnavailable
 
 
 class TokenProvider:

@@ -25,13 +25,21 @@ from typing import TYPE_CHECKING
 import requests
 from azure.core.exceptions import AzureError, ResourceExistsError
 
-from . import audit
-from .audit import AuditTrail
-from .defender import DefenderClient
-from .errors import DefenderCallError
-from .guardrails import Protection, verdict
-from .holds import Holds
-from .messages import (
+from ..adapters import audit
+from ..adapters.audit import AuditTrail
+from ..adapters.defender import DefenderClient
+from ..adapters.queues import WorkQueue
+from ..adapters.request_store import (
+    ACTION_STATUSES,
+    NOT_SENT,
+    TERMINAL,
+    RequestRecord,
+    RequestStore,
+    StaleRecord,
+)
+from ..domain.errors import DefenderCallError
+from ..domain.guardrails import Protection, verdict
+from ..domain.messages import (
     ACTION_ID,
     ActionCheckMessage,
     HoldExpiryMessage,
@@ -39,10 +47,9 @@ from .messages import (
     OffboardMessage,
     parse_message,
 )
-from .outcome import Failed, Requeue, RetryKind, RetryPolicy, Succeeded, classify, parse_retry_after
-from .queues import WorkQueue
+from ..domain.outcome import Failed, Requeue, RetryKind, RetryPolicy, Succeeded, classify, parse_retry_after
+from ..intake.holds import Holds
 from .resolve import resolve
-from .state import ACTION_STATUSES, NOT_SENT, TERMINAL, RequestRecord, RequestStore, StaleRecord
 
 if TYPE_CHECKING:
     from .pacing import Pacer

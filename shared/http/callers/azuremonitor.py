@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .. import intake
-from ..intake import BadRequest, OffboardRequest
+from .. import validate as intake
+from ..validate import BadRequest, OffboardRequest
 from .native import lookup_of
 from .results import MAX_ITEMS, Accepted, Ignored, Item, Items, Rejected
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .. import intake
-from ..intake import BadRequest
+from .. import validate as intake
+from ..validate import BadRequest
 from . import azuremonitor, cloudevents, eventgrid, graph, intune, native, sentinel
 from .results import (
     FORMATS_UNDERSTOOD,

@@ -18,7 +18,7 @@ from azure.core import MatchConditions
 from azure.core.exceptions import ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
 from azure.data.tables import TableClient, UpdateMode
 
-from .state import StaleRecord
+from .request_store import StaleRecord
 
 log = logging.getLogger(__name__)
 _KEY = {"PartitionKey": "breaker", "RowKey": "offboard"}

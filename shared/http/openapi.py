@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-DOCUMENT = Path(__file__).resolve().parent.parent / "openapi" / "offboard.swagger.json"
+DOCUMENT = Path(__file__).resolve().parents[2] / "openapi" / "offboard.swagger.json"
 
 
 @lru_cache(maxsize=1)

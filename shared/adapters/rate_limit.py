@@ -63,7 +63,7 @@ from azure.core import MatchConditions
 from azure.core.exceptions import ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
 from azure.data.tables import TableClient, UpdateMode
 
-from .settings import RateWindow
+from ..settings import RateWindow
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -15,9 +15,9 @@ from typing import Any
 
 import azure.functions as func
 
-from ..http import json_response, status_urls
-from ..intake import BadRequest, OffboardRequest
-from ..submission import Answer
+from ...intake.submission import Answer
+from ..responses import json_response, status_urls
+from ..validate import BadRequest, OffboardRequest
 from .results import Accepted, Handshake, Ignored, Items, Rejected
 
 log = logging.getLogger(__name__)

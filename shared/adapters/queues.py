@@ -15,8 +15,8 @@ from typing import Any
 from azure.core.exceptions import ResourceExistsError
 from azure.storage.queue import QueueClient
 
-from .messages import Message, utc_now_iso
-from .outcome import MAX_DELAY_SECONDS
+from ..domain.messages import Message, utc_now_iso
+from ..domain.outcome import MAX_DELAY_SECONDS
 from .storage import StorageAccess, queue_client
 
 log = logging.getLogger(__name__)

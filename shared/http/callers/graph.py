@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..intake import BadRequest
+from ..validate import BadRequest
 from . import intune
 from .results import MAX_ITEMS, Handshake, Ignored, Item, Items, Rejected
 

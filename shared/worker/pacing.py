@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .rate_limit import RateLimiter
+from ..adapters.rate_limit import RateLimiter
 
 log = logging.getLogger(__name__)
 # How long before its slot a re-queued message becomes visible again: queue delays are whole

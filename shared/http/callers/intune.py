@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from .. import intake
-from ..devices import EMPTY_GUID
-from ..intake import BadRequest, OffboardRequest
+from ...domain.devices import EMPTY_GUID
+from .. import validate as intake
+from ..validate import BadRequest, OffboardRequest
 from .native import lookup_of
 from .results import MAX_ITEMS, Accepted, Ignored, Item, Items, Rejected
 

@@ -25,8 +25,8 @@ from azure.core import MatchConditions
 from azure.core.exceptions import ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
 from azure.data.tables import TableClient, UpdateMode
 
-from .devices import Lookup
-from .messages import utc_now_iso
+from ..domain.devices import Lookup
+from ..domain.messages import utc_now_iso
 
 # Statuses, as callers see them. Queued and Throttled: not yet accepted by Defender. Held:
 # stopped by the blast-radius breaker until an operator releases it. Submitted, Pending,

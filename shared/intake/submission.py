@@ -17,13 +17,13 @@ from typing import Any
 
 from azure.core.exceptions import AzureError
 
-from . import audit
-from .audit import AuditTrail
-from .breaker import BlastRadiusBreaker
-from .intake import BadRequest, OffboardRequest
-from .messages import HoldExpiryMessage, OffboardMessage, utc_now_iso
-from .queues import WorkQueue
-from .state import RequestRecord, RequestStore, StaleRecord
+from ..adapters import audit
+from ..adapters.audit import AuditTrail
+from ..adapters.breaker import BlastRadiusBreaker
+from ..adapters.queues import WorkQueue
+from ..adapters.request_store import RequestRecord, RequestStore, StaleRecord
+from ..domain.messages import HoldExpiryMessage, OffboardMessage, utc_now_iso
+from ..http.validate import BadRequest, OffboardRequest
 
 log = logging.getLogger(__name__)
 

@@ -12,9 +12,9 @@ from urllib.parse import urlencode, urlsplit, urlunsplit
 import azure.functions as func
 from azure.core.exceptions import AzureError
 
-from .intake import BadRequest
-from .settings import SettingsError
-from .state import StaleRecord
+from ..adapters.request_store import StaleRecord
+from ..settings import SettingsError
+from .validate import BadRequest
 
 log = logging.getLogger(__name__)
 
