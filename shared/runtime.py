@@ -90,7 +90,9 @@ class Services:
             guard=Guard(
                 precheck=s.precheck,
                 proceed_without_permission=s.precheck_without_permission == "proceed",
-                protection=Protection.of(s.protected_tags, s.protected_group_ids, s.deny_list),
+                protection=Protection.of(
+                    s.protected_tags, s.protected_group_ids, s.deny_list, s.platform_rules
+                ),
                 tag=s.tag_after_offboard,
             ),
             follow_up=FollowUpPolicy(

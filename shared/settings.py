@@ -41,6 +41,21 @@ class RateWindow(NamedTuple):
     seconds: float
 
 
+@dataclass(frozen=True)
+class Tenant:
+    """A customer tenant this deployment may offboard in (OFFBOARD_TENANTS), with its own
+    protection where OFFBOARD_PROTECTED_TAGS__<id> / OFFBOARD_PROTECTED_GROUP_IDS__<id> say so."""
+
+    id: str
+    name: str | None = None
+    protected_tags: tuple[str, ...] | None = None  # None: the deployment's OFFBOARD_PROTECTED_TAGS
+    protected_group_ids: tuple[int, ...] | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} ({self.id})" if self.name else self.id
+
+
 class SettingsError(ValueError):
     """One or more settings are missing or invalid; the message lists every one."""
 
@@ -84,6 +99,26 @@ class Settings:
     action_read_rate_limits: tuple[RateWindow, ...] = (RateWindow(100, 60.0), RateWindow(1500, 3600.0))
     rate_limit_margin_seconds: float = 1.0
     rate_limit_max_inline_wait_seconds: float = 5.0
+    tag_rate_limits: tuple[RateWindow, ...] = (RateWindow(100, 60.0), RateWindow(1500, 3600.0))
+    # Operators and callers (issue: the operator side).
+    approval: str = "breaker"  # "breaker": hold only past the breaker; "always": every request is held
+    hold_notify_url: str | None = None
+    cancel: str = "any"  # "admin": cancelling needs the master key
+    public_base_url: str | None = None
+    operator_role: str = "Offboard.Operator"
+    platform_rules: tuple[tuple[str, str], ...] = ()  # overrides of guardrails' platform table
+    sdk_log_level: str = "WARNING"
+    # The Intune watcher (a timer function).
+    intune_watch_enabled: bool = False
+    intune_watch_mode: str = "report"
+    intune_watch_schedule: str = "0 */5 * * * *"
+    graph_base_url: str = "https://graph.microsoft.com"
+    graph_scope: str = "https://graph.microsoft.com/.default"
+    # Many tenants: customer tenants reached through a multi-tenant app that trusts the
+    # user-assigned managed identity (workload identity federation).
+    tenants: tuple[Tenant, ...] = ()
+    multitenant_app_client_id: str | None = None
+    token_exchange_audience: str = "api://AzureADTokenExchange"  # noqa: S105 - an audience, not a secret
 
     @property
     def poison_queue_name(self) -> str:
@@ -96,7 +131,14 @@ class Settings:
             "offboard": self.offboard_rate_limits,
             "machine-read": self.machine_read_rate_limits,
             "action-read": self.action_read_rate_limits,
+            "machine-tag": self.tag_rate_limits,
         }
+
+    def tenant(self, tenant_id: str | None) -> Tenant | None:
+        """The allowed customer tenant with this id; None for the home tenant (no id)."""
+        if tenant_id is None:
+            return None
+        return next((t for t in self.tenants if t.id == tenant_id), None)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -172,7 +214,36 @@ class Settings:
             "rate_limit_max_inline_wait_seconds": read(
                 "RATE_LIMIT_MAX_INLINE_WAIT_SECONDS", "5", _bounded_float(0, 60)
             ),
+            "tag_rate_limits": read("DEFENDER_TAG_RATE_LIMITS", DEFAULT_RATE_LIMITS, _rate_limits),
+            "approval": read("OFFBOARD_APPROVAL", "breaker", _choice("breaker", "always")),
+            "hold_notify_url": read("OFFBOARD_HOLD_NOTIFY_URL", _EMPTY, _optional(_base_url)),
+            "cancel": read("OFFBOARD_CANCEL", "any", _choice("any", "admin")),
+            "public_base_url": read("OFFBOARD_PUBLIC_BASE_URL", _EMPTY, _optional(_public_base_url)),
+            "operator_role": read("OFFBOARD_OPERATOR_ROLE", "Offboard.Operator", _role),
+            "platform_rules": read("OFFBOARD_PLATFORM_RULES", _EMPTY, _platform_rules),
+            "sdk_log_level": read(
+                "OFFBOARD_SDK_LOG_LEVEL", "WARNING", _upper_choice("DEBUG", "INFO", "WARNING", "ERROR")
+            ),
+            "intune_watch_enabled": read("INTUNE_WATCH_ENABLED", "false", _flag),
+            "intune_watch_mode": read("INTUNE_WATCH_MODE", "report", _choice("report", "offboard")),
+            "intune_watch_schedule": read("INTUNE_WATCH_SCHEDULE", "0 */5 * * * *", _ncrontab),
+            "graph_base_url": read("GRAPH_API_BASE_URL", "https://graph.microsoft.com", _base_url),
+            "graph_scope": read("GRAPH_API_SCOPE", "https://graph.microsoft.com/.default", _scope),
+            "tenants": _tenants(env, problems),
+            "multitenant_app_client_id": read("MULTITENANT_APP_CLIENT_ID", _EMPTY, _optional(_guid)),
+            "token_exchange_audience": read(
+                "OFFBOARD_TOKEN_EXCHANGE_AUDIENCE", "api://AzureADTokenExchange", _audience
+            ),
         }
+        if values["tenants"] and not problems:
+            # Customer tenants are reached as the multi-tenant app, whose credential is a token
+            # of the user-assigned identity: without either, no tenant could ever work.
+            for name, key in (
+                ("MULTITENANT_APP_CLIENT_ID", "multitenant_app_client_id"),
+                ("MANAGED_IDENTITY_CLIENT_ID", "managed_identity_client_id"),
+            ):
+                if not values[key]:
+                    problems.append(f"{name} is required when OFFBOARD_TENANTS lists tenants")
         if problems:
             raise SettingsError(problems)
         return cls(**values)  # type: ignore[arg-type]
@@ -333,3 +404,111 @@ def _bounded_float(low: float, high: float) -> Callable[[str], float]:
         return value
 
     return parse
+
+
+_GUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+_ROLE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,119}")
+_TENANT_NAME = re.compile(r"[^\x00-\x1f\x7f,=;]{1,100}")
+
+
+def _optional(parse: Callable[[str], T]) -> Callable[[str], T | None]:
+    def parse_optional(raw: str) -> T | None:
+        return None if raw == _EMPTY else parse(raw)
+
+    return parse_optional
+
+
+def _guid(raw: str) -> str:
+    if not _GUID.fullmatch(raw):
+        raise ValueError(f"{raw!r} is not a GUID")
+    return raw.lower()
+
+
+def _role(raw: str) -> str:
+    if not _ROLE.fullmatch(raw):
+        raise ValueError(f"{raw!r} is not an app role value (letters, digits, dots, hyphens, underscores)")
+    return raw
+
+
+def _audience(raw: str) -> str:
+    if not re.fullmatch(r"api://[A-Za-z0-9.-]{1,100}", raw):
+        raise ValueError(f"{raw!r} is not a token exchange audience such as api://AzureADTokenExchange")
+    return raw
+
+
+def _upper_choice(*choices: str) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        if raw.upper() not in choices:
+            raise ValueError(f"{raw!r} is not one of {', '.join(choices)}")
+        return raw.upper()
+
+    return parse
+
+
+def _public_base_url(raw: str) -> str:
+    """Where callers reach the app (a custom domain, API Management, Front Door): status URLs
+    are built from it, never from a request's Host header."""
+    url = _base_url(raw)
+    if urlsplit(url).path.endswith("/api"):
+        raise ValueError("give the base URL without /api (the app adds /api/offboard/...)")
+    return url
+
+
+def _platform_rules(raw: str) -> tuple[tuple[str, str], ...]:
+    """`Platform=rule,...`: overrides of the precheck's platform table (domain.guardrails)."""
+    from .domain.guardrails import parse_platform_rule
+
+    rules = []
+    for item in _items(raw):
+        platform, equals, rule = item.partition("=")
+        if not equals or not platform.strip():
+            raise ValueError(f"{item!r} is not Platform=rule (e.g. macOS=min:14, Linux=allow)")
+        try:
+            rules.append((platform.strip().lower(), parse_platform_rule(rule.strip())))
+        except ValueError as exc:
+            raise ValueError(f"{item!r}: {exc}") from None
+    return tuple(rules)
+
+
+def _tenants(env: Mapping[str, str], problems: list[str]) -> tuple[Tenant, ...]:
+    """OFFBOARD_TENANTS: `tenantId[=Display name],...`; per tenant, optional
+    OFFBOARD_PROTECTED_TAGS__<tenantId> and OFFBOARD_PROTECTED_GROUP_IDS__<tenantId>."""
+    raw = env.get("OFFBOARD_TENANTS", "").strip()
+    tenants: list[Tenant] = []
+    for item in _items(raw) if raw else []:
+        tenant_id, _, name = (part.strip() for part in item.partition("="))
+        if not _GUID.fullmatch(tenant_id):
+            problems.append(f"OFFBOARD_TENANTS: {tenant_id!r} is not a tenant id (a GUID)")
+            continue
+        if name and not _TENANT_NAME.fullmatch(name):
+            problems.append(f"OFFBOARD_TENANTS: the name of {tenant_id} has characters a name cannot have")
+            continue
+        tenant_id = tenant_id.lower()
+        if any(t.id == tenant_id for t in tenants):
+            problems.append(f"OFFBOARD_TENANTS: {tenant_id} is listed twice")
+            continue
+        overrides: dict[str, object] = {}
+        for setting, key, parse in (
+            ("OFFBOARD_PROTECTED_TAGS", "protected_tags", _tags),
+            ("OFFBOARD_PROTECTED_GROUP_IDS", "protected_group_ids", _group_ids),
+        ):
+            name_in_env = next((n for n in env if n.lower() == f"{setting}__{tenant_id}".lower()), None)
+            if name_in_env is None:
+                continue
+            try:
+                overrides[key] = parse(env[name_in_env].strip() or _EMPTY)
+            except ValueError as exc:
+                problems.append(f"{name_in_env}: {exc}")
+        tenants.append(Tenant(tenant_id, name or None, **overrides))  # type: ignore[arg-type]
+    return tuple(tenants)
+
+
+_CRON_FIELD = re.compile(r"[0-9*/,\-A-Za-z]+")
+
+
+def _ncrontab(raw: str) -> str:
+    """An NCRONTAB expression as the Functions timer trigger takes it: six fields, seconds first."""
+    fields = raw.split()
+    if len(fields) != 6 or not all(_CRON_FIELD.fullmatch(f) for f in fields):
+        raise ValueError(f"{raw!r} is not an NCRONTAB schedule of six fields, e.g. '0 */5 * * * *'")
+    return " ".join(fields)

@@ -11,7 +11,7 @@ import requests
 
 from localdev.defender_sim import DefenderSimulator, Reply
 from localdev.host import LOCAL_MASTER_KEY
-from shared.domain.guardrails import Protection, os_supported, verdict
+from shared.domain.guardrails import PLATFORM_RULES, Protection, platform_refusal, verdict
 from shared.runtime import Services
 from shared.settings import Settings, SettingsError
 from tests.conftest import MACHINE, RunningHost
@@ -38,27 +38,59 @@ def machine(**fields: Any) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize(
-    ("fields", "supported"),
+    ("fields", "refused"),
     [
-        ({"osPlatform": "Windows10", "osBuild": 15063}, True),
-        ({"osPlatform": "Windows10", "osBuild": 14393}, False),  # 1607
-        ({"osPlatform": "Windows10", "osBuild": None, "version": "1703"}, True),
-        ({"osPlatform": "Windows10", "osBuild": None, "version": "1607"}, False),
-        ({"osPlatform": "Windows10", "osBuild": None, "version": "22H2"}, True),
+        ({"osPlatform": "Windows10", "osBuild": 15063, "version": None}, False),
+        ({"osPlatform": "Windows10", "osBuild": 14393, "version": None}, True),  # 1607
+        ({"osPlatform": "Windows10", "osBuild": None, "version": "1703"}, False),
+        ({"osPlatform": "Windows10", "osBuild": None, "version": "1607"}, True),
+        ({"osPlatform": "Windows10", "osBuild": None, "version": "22H2"}, False),
+        # The record does not say which release: Defender decides.
         ({"osPlatform": "Windows10", "osBuild": None, "version": None}, False),
-        ({"osPlatform": "Windows11"}, True),
+        ({"osPlatform": "Windows11"}, False),
+        # 2016 and 2012 R2 are supported with the unified agent, which the record does not show.
         ({"osPlatform": "WindowsServer2016"}, False),
-        ({"osPlatform": "WindowsServer2019"}, True),
-        ({"osPlatform": "WindowsServer2022"}, True),
         ({"osPlatform": "WindowsServer2012R2"}, False),
-        ({"osPlatform": "macOS"}, False),
+        ({"osPlatform": "WindowsServer2012"}, True),
+        ({"osPlatform": "WindowsServer2019"}, False),
+        ({"osPlatform": "WindowsServer2022"}, False),
+        ({"osPlatform": "Windows7"}, True),
+        ({"osPlatform": "macOS", "version": "14.1"}, False),
+        ({"osPlatform": "macOS", "version": "15"}, False),
+        ({"osPlatform": "macOS", "version": "13.6.1"}, True),
+        ({"osPlatform": "macOS", "version": None}, False),
         ({"osPlatform": "Linux"}, False),
-        ({"osPlatform": "iOS"}, False),
-        ({"osPlatform": None}, False),
+        ({"osPlatform": "Ubuntu"}, False),  # a distribution we do not list: Defender decides
+        ({"osPlatform": "iOS"}, True),
+        ({"osPlatform": "Android"}, True),
+        ({"osPlatform": "Unknown"}, True),
+        ({"osPlatform": None}, True),
     ],
 )
-def test_supported_platforms_follow_the_api_reference(fields: dict[str, Any], supported: bool) -> None:
-    assert os_supported(machine(**fields)) is supported
+def test_only_what_is_certainly_unsupported_is_refused(fields: dict[str, Any], refused: bool) -> None:
+    assert (platform_refusal(machine(**fields), PLATFORM_RULES) is not None) is refused
+
+
+def test_the_platform_table_can_be_overridden() -> None:
+    settings = Settings.from_env(
+        {
+            "AzureWebJobsStorage": "UseDevelopmentStorage=true",
+            "OFFBOARD_PLATFORM_RULES": "macOS=min:15, WindowsServer2016=refuse, Ubuntu=refuse",
+        }
+    )
+    protection = Protection.of(platform_overrides=settings.platform_rules)
+    assert platform_refusal(machine(osPlatform="macOS", version="14.1"), protection.platforms)
+    assert platform_refusal(machine(osPlatform="WindowsServer2016"), protection.platforms)
+    assert platform_refusal(machine(osPlatform="ubuntu"), protection.platforms)
+    assert platform_refusal(machine(osPlatform="Linux"), protection.platforms) is None
+
+
+@pytest.mark.parametrize("raw", ["macOS", "macOS=", "macOS=min:", "macOS=min:fourteen", "iOS=block"])
+def test_a_platform_rule_that_does_not_parse_is_named(raw: str) -> None:
+    with pytest.raises(SettingsError, match="OFFBOARD_PLATFORM_RULES"):
+        Settings.from_env(
+            {"AzureWebJobsStorage": "UseDevelopmentStorage=true", "OFFBOARD_PLATFORM_RULES": raw}
+        )
 
 
 @pytest.mark.parametrize(
@@ -69,7 +101,8 @@ def test_supported_platforms_follow_the_api_reference(fields: dict[str, Any], su
         ({"computerDnsName": "DC01.contoso.com"}, "ProtectedDevice"),
         ({"id": "a" * 40}, "ProtectedDevice"),
         ({"osPlatform": "macOS", "machineTags": ["Tier0"]}, "ProtectedDevice"),  # protection first
-        ({"osPlatform": "Linux"}, "OsPlatformNotSupported"),
+        ({"osPlatform": "iOS"}, "OsPlatformNotSupported"),
+        ({"osPlatform": "macOS", "version": "13.6"}, "OsPlatformNotSupported"),
         ({"onboardingStatus": "Offboarded"}, "AlreadyOffboarded"),
     ],
 )
@@ -111,11 +144,11 @@ def test_guardrail_settings_that_do_not_parse_are_named() -> None:
 # ---- in the worker -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("platform", ["macOS", "Linux"])
+@pytest.mark.parametrize(("platform", "version"), [("macOS", "13.6"), ("iOS", "17.1")])
 def test_unsupported_platform_is_refused_before_any_offboard_call(
-    services: Services, defender: DefenderSimulator, platform: str
+    services: Services, defender: DefenderSimulator, platform: str, version: str
 ) -> None:
-    defender.add_machine(MACHINE, osPlatform=platform, version="14.1")
+    defender.add_machine(MACHINE, osPlatform=platform, version=version)
     message = adopt(services)
     services.worker().process(message)
     assert len(defender.machine_calls(MACHINE)) == 1 and defender.offboard_calls() == []
@@ -126,6 +159,33 @@ def test_unsupported_platform_is_refused_before_any_offboard_call(
         and record.last_error_code == "OsPlatformNotSupported"
     )
     assert events(services, message.request_id) == ["Rejected"]
+
+
+@pytest.mark.parametrize(("platform", "version"), [("macOS", "14.1"), ("Linux", "22.04")])
+def test_macos_14_and_linux_are_offboarded(
+    services: Services, defender: DefenderSimulator, platform: str, version: str
+) -> None:
+    defender.add_machine(MACHINE, osPlatform=platform, version=version)
+    message = adopt(services)
+    services.worker().process(message)
+    assert len(defender.offboard_calls(MACHINE)) == 1
+    record = services.store.get(message.request_id)
+    assert record is not None and record.status == "Submitted"
+
+
+def test_a_server_2016_is_left_to_defender_which_may_refuse_it(
+    services: Services, defender: DefenderSimulator
+) -> None:
+    defender.add_machine(MACHINE, osPlatform="WindowsServer2016", version="1607")
+    defender.script(
+        MACHINE, Reply.error(400, "OsPlatformNotSupported", "The device runs the legacy MMA agent")
+    )
+    message = adopt(services)
+    services.worker().process(message)
+    assert len(defender.offboard_calls(MACHINE)) == 1
+    record = services.store.get(message.request_id)
+    assert record is not None and record.status == "Failed"
+    assert record.public()["lastError"]["code"] == "OsPlatformNotSupported"
 
 
 def test_protected_tag_blocks(make_services: Callable[..., Services], defender: DefenderSimulator) -> None:

@@ -84,3 +84,41 @@ def test_sample_settings_file_is_valid_and_complete() -> None:
     values = json.loads((Path(__file__).parent.parent / "local.settings.sample.json").read_text())["Values"]
     settings = Settings.from_env(values)
     assert settings.queue_name == "offboard-requests"
+
+
+def test_tenants_are_listed_with_names_and_their_own_protection() -> None:
+    home = "9f0e1d2c-3b4a-4596-8877-665544332211"
+    s = Settings.from_env(
+        {
+            **MINIMAL,
+            "OFFBOARD_TENANTS": f"{home}=Contoso Ltd, 1A2B3C4D-0000-4000-8000-000000000002",
+            f"OFFBOARD_PROTECTED_TAGS__{home}": "Tier0,DC",
+            "MULTITENANT_APP_CLIENT_ID": "5e6f7a8b-0000-4000-8000-000000000003",
+            "MANAGED_IDENTITY_CLIENT_ID": "0f1e2d3c-0000-4000-8000-000000000001",
+        }
+    )
+    contoso, other = s.tenants
+    assert contoso.id == home and contoso.name == "Contoso Ltd" and contoso.protected_tags == ("Tier0", "DC")
+    assert other.id == "1a2b3c4d-0000-4000-8000-000000000002" and other.protected_tags is None
+    assert s.tenant(home) is contoso and s.tenant(None) is None and s.tenant("x") is None
+
+
+@pytest.mark.parametrize(
+    ("extra", "named"),
+    [
+        ({"OFFBOARD_TENANTS": "not-a-guid"}, "OFFBOARD_TENANTS"),
+        ({"OFFBOARD_TENANTS": "9f0e1d2c-3b4a-4596-8877-665544332211"}, "MULTITENANT_APP_CLIENT_ID"),
+        ({"OFFBOARD_APPROVAL": "sometimes"}, "OFFBOARD_APPROVAL"),
+        ({"OFFBOARD_CANCEL": "nobody"}, "OFFBOARD_CANCEL"),
+        ({"OFFBOARD_PUBLIC_BASE_URL": "http://offboard.contoso.com"}, "OFFBOARD_PUBLIC_BASE_URL"),
+        ({"OFFBOARD_PUBLIC_BASE_URL": "https://offboard.contoso.com/api"}, "OFFBOARD_PUBLIC_BASE_URL"),
+        ({"OFFBOARD_HOLD_NOTIFY_URL": "http://hooks.contoso.com/x"}, "OFFBOARD_HOLD_NOTIFY_URL"),
+        ({"INTUNE_WATCH_SCHEDULE": "*/5 * * * *"}, "INTUNE_WATCH_SCHEDULE"),
+        ({"INTUNE_WATCH_MODE": "wipe"}, "INTUNE_WATCH_MODE"),
+        ({"GRAPH_API_BASE_URL": "http://graph.microsoft.com"}, "GRAPH_API_BASE_URL"),
+        ({"OFFBOARD_SDK_LOG_LEVEL": "LOUD"}, "OFFBOARD_SDK_LOG_LEVEL"),
+    ],
+)
+def test_new_settings_that_do_not_parse_are_named(extra: dict[str, str], named: str) -> None:
+    with pytest.raises(SettingsError, match=named):
+        Settings.from_env({**MINIMAL, **extra})
