@@ -353,6 +353,10 @@ def main(argv: list[str] | None = None) -> None:
 
     host = LocalHost(app, QueueOptions.from_host_json(), os.environ["AzureWebJobsStorage"])
     port = None if args.no_http else host.serve_http(args.port)
+    if port is not None and not os.environ.get("OFFBOARD_PUBLIC_BASE_URL"):
+        # What the platform's WEBSITE_HOSTNAME is on Azure: where callers reach this host. The
+        # app builds its status URLs from it (read on first use, so set before any request).
+        os.environ["OFFBOARD_PUBLIC_BASE_URL"] = f"http://127.0.0.1:{port}"
     if not args.no_queues:
         host.run_queues()
     # One JSON line on stdout tells a parent process (tests, demo, benchmark) we are ready.

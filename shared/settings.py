@@ -16,7 +16,7 @@ from functools import lru_cache
 from typing import NamedTuple, TypeVar
 from urllib.parse import urlsplit
 
-from .adapters.storage import StorageAccess, StorageSettingsError
+from .storage_settings import StorageAccess, StorageSettingsError
 
 DEFAULT_COMMENT = "Offboarded by automation (Defender offboarding service)"
 # Queue names: 3-63 chars, lowercase letters, digits and single hyphens (Azure's rule).

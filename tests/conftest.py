@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -25,7 +26,14 @@ from localdev.azurite import Azurite
 from localdev.defender_sim import DefenderSimulator
 from localdev.host import LOCAL_FUNCTION_KEY, launch
 from localdev.identity import IdentityEndpoint
+from shared.adapters.defender import DefenderClient
+from shared.adapters.entities import MemoryEntities
+from shared.adapters.queues import MemoryQueue, WorkQueue
+from shared.adapters.request_store import NewRequest
+from shared.adapters.tokens import TokenProvider
+from shared.domain import ids
 from shared.domain.messages import OffboardMessage
+from shared.domain.records import RequestRecord
 from shared.runtime import Services
 from shared.settings import Settings
 from shared.worker.worker import Worker
@@ -199,12 +207,98 @@ def local_host(app_env: dict[str, str]) -> Iterator[Callable[..., RunningHost]]:
         host.log_path.unlink(missing_ok=True)
 
 
+def new_request_id() -> str:
+    return ids.request_id(ids.new_batch_id(), 1)
+
+
 def offboard_message(**fields: Any) -> OffboardMessage:
     defaults: dict[str, Any] = {
-        "request_id": str(uuid.uuid4()),
+        "request_id": new_request_id(),
         "machine_id": MACHINE,
         "comment": "Offboard machine by automation",
         "enqueued_at": "2026-11-23T10:00:00+00:00",
         "caller": "agent:pytest",
     }
     return OffboardMessage(**{**defaults, **fields})
+
+
+def adopt(services: Services, **fields: Any) -> OffboardMessage:
+    """A message whose request row exists, as the HTTP intake leaves them: the row written,
+    and the message carrying its ETag."""
+    message = offboard_message(**fields)
+    record = RequestRecord(
+        message.request_id,
+        message.machine_id,
+        message.caller,
+        message.comment,
+        dry_run=message.dry_run,
+        tenant_id=message.tenant_id,
+        lookup=__import__("json").dumps(message.lookup.to_dict()) if message.lookup else None,
+    )
+    written, failed = services.store.accept([NewRequest(record, ())])
+    assert not failed, failed
+    return dataclasses.replace(message, etag=written[message.request_id].etag)
+
+
+def events(services: Services, request_id: str) -> list[str]:
+    return [row["event"] for row in services.store.events(request_id)]
+
+
+@dataclass
+class Memory:
+    """The app's services on in-memory storage (the same contracts as Azurite's, ETags and
+    412s included), with the real credential and the Defender simulator over loopback."""
+
+    services: Services
+    work: MemoryQueue
+    poison: MemoryQueue
+    state: MemoryEntities
+
+    def deliver(self, worker: Worker | None = None, rounds: int = 1) -> int:
+        """Hands every due message to the worker, as the host would; how many it handled."""
+        worker = worker or self.services.worker()
+        handled = 0
+        for _ in range(rounds):
+            for message in self.work.due():
+                worker.handle(message.text.encode(), f"m-{uuid.uuid4().hex[:8]}")
+                handled += 1
+        return handled
+
+
+@pytest.fixture
+def memory(
+    identity: IdentityEndpoint, defender: DefenderSimulator, monkeypatch: pytest.MonkeyPatch
+) -> Callable[..., Memory]:
+    def make(**overrides: str) -> Memory:
+        env = {
+            "AzureWebJobsStorage": "UseDevelopmentStorage=true",
+            "DEFENDER_API_BASE_URL": defender.url,
+            "OFFBOARD_MAX_ATTEMPTS": "3",
+            "OFFBOARD_RETRY_BASE_SECONDS": "1",
+            "OFFBOARD_RETRY_MAX_SECONDS": "2",
+            "DEFENDER_READ_TIMEOUT_SECONDS": "1",
+            "DEFENDER_CONNECT_TIMEOUT_SECONDS": "2",
+            **overrides,
+        }
+        for name, value in identity.env.items():
+            monkeypatch.setenv(name, value)
+        settings = Settings.from_env(env)
+        work, poison, state = MemoryQueue(), MemoryQueue(), MemoryEntities("state")
+        tokens = TokenProvider(settings.defender_scope, settings.managed_identity_client_id)
+        client = DefenderClient(
+            settings.defender_base_url,
+            tokens,
+            connect_timeout=settings.connect_timeout_seconds,
+            read_timeout=settings.read_timeout_seconds,
+        )
+        services = Services(
+            settings,
+            state,
+            MemoryEntities("audit"),
+            MemoryEntities("budgets"),
+            WorkQueue(work, poison),
+            client,
+        )
+        return Memory(services, work, poison, state)
+
+    return make

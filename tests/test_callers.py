@@ -12,7 +12,9 @@ from typing import Any
 import pytest
 
 from shared.domain.devices import Lookup
-from shared.http import validate as intake
+from shared.domain.errors import InvalidInput
+from shared.domain.offboard import OffboardRequest
+from shared.http.access import caller_of
 from shared.http.callers import (
     MAX_ITEMS,
     Accepted,
@@ -23,7 +25,6 @@ from shared.http.callers import (
     Rejected,
     recognise,
 )
-from shared.http.validate import BadRequest, OffboardRequest
 from tests.conftest import MACHINE
 
 PAYLOADS = Path(__file__).parent / "payloads"
@@ -43,9 +44,9 @@ def items_of(
     return result
 
 
-def bad(body: bytes | Any, headers: dict[str, str] | None = None) -> BadRequest:
+def bad(body: bytes | Any, headers: dict[str, str] | None = None) -> InvalidInput:
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    with pytest.raises(BadRequest) as caught:
+    with pytest.raises(InvalidInput) as caught:
         recognise(Inbound.of("POST", data, headers or {}, {}), DEFAULT)
     return caught.value
 
@@ -245,7 +246,7 @@ def test_cloudevents_options_handshake() -> None:
     )
     assert isinstance(result, Handshake) and result.status == 200
     assert result.headers["WebHook-Allowed-Origin"] == "eventgrid.azure.net"
-    with pytest.raises(BadRequest) as caught:
+    with pytest.raises(InvalidInput) as caught:
         recognise(Inbound.of("OPTIONS", b"", {}, {}), DEFAULT)
     assert caught.value.code == "MissingWebHookRequestOrigin"
 
@@ -256,7 +257,7 @@ def test_graph_validation_token_is_echoed() -> None:
         Inbound.of("POST", b"", {"content-type": "text/plain"}, {"validationToken": token}), DEFAULT
     )
     assert isinstance(result, Handshake) and result.body == token and result.mimetype == "text/plain"
-    with pytest.raises(BadRequest):
+    with pytest.raises(InvalidInput):
         recognise(Inbound.of("POST", b"", {}, {"validationToken": "a\nb<script>"}), DEFAULT)
 
 
@@ -308,5 +309,7 @@ def test_generated_comments_fit_the_comment_rules() -> None:
 
 def test_principal_headers_are_believed_only_with_app_service_authentication() -> None:
     headers = {"x-ms-client-principal-name": "alice@contoso.com", "user-agent": "curl/8"}
-    assert intake.caller_of(headers, {"WEBSITE_AUTH_ENABLED": "True"}) == "principal:alice@contoso.com"
-    assert intake.caller_of(headers, {}) == "agent:curl/8"
+    assert caller_of(headers, "Offboard.Operator", {"WEBSITE_AUTH_ENABLED": "True"}).label == (
+        "principal:alice@contoso.com"
+    )
+    assert caller_of(headers, "Offboard.Operator", {}).label == "agent:curl/8"

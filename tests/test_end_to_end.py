@@ -83,14 +83,33 @@ def test_token_endpoint_down_loses_nothing(
     local_host: HostFactory, defender: DefenderSimulator, identity: IdentityEndpoint, queues: Queues
 ) -> None:
     identity.fail_with = 500
-    host = local_host()
+    host = local_host(OFFBOARD_MAX_ATTEMPTS="5")
     host.post("/api/offboard", {"machineId": MACHINE})
-    deadline = time.monotonic() + 30
-    while "Offboard configuration" not in host.log() and time.monotonic() < deadline:
+    deadline = time.monotonic() + 60
+    while "configuration (TokenUnavailable" not in host.log() and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert "TokenUnavailable" in host.log()
+    # A hiccup first (retried within seconds), a configuration problem once it persists, and
+    # then the log says what to fix. (The precheck is the first call that needs the token.)
+    assert "Precheck transient (TokenUnavailable" in host.log()
+    assert "Precheck configuration (TokenUnavailable" in host.log()
+    assert "MANAGED_IDENTITY_CLIENT_ID" in host.log()
     assert defender.offboard_calls() == []
     assert queues.count() == 1 and queues.count("-poison") == 0  # waiting to try again
+
+
+def test_a_one_off_identity_outage_delays_the_offboard_by_seconds(
+    local_host: HostFactory, defender: DefenderSimulator, identity: IdentityEndpoint
+) -> None:
+    identity.fail_with = 500
+    host = local_host()
+    started = time.time()
+    request_id = host.post("/api/offboard", {"machineId": MACHINE}).json()["requestId"]
+    while "TokenUnavailable" not in host.log() and time.time() - started < 30:
+        time.sleep(0.1)
+    identity.fail_with = None  # the endpoint is back
+    [call] = defender.wait_for_calls(1, MACHINE, timeout=60)
+    assert call.at - started < 60
+    assert host.get(f"/api/offboard/{request_id}").json()["attempt"] >= 2
 
 
 def test_host_moves_a_message_that_is_not_base64_to_poison(

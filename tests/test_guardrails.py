@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from typing import Any
@@ -14,8 +15,8 @@ from localdev.host import LOCAL_MASTER_KEY
 from shared.domain.guardrails import PLATFORM_RULES, Protection, platform_refusal, verdict
 from shared.runtime import Services
 from shared.settings import Settings, SettingsError
-from tests.conftest import MACHINE, RunningHost
-from tests.test_request_state import adopt, events, wait_status
+from tests.conftest import MACHINE, Queues, RunningHost, adopt, events
+from tests.test_request_state import wait_status
 
 HostFactory = Callable[..., RunningHost]
 PROTECTION = Protection.of(tags=["Tier0"], group_ids=[7], deny=["dc01.contoso.com", "a" * 40])
@@ -253,13 +254,22 @@ def test_dry_run_message_makes_no_offboard_call_and_records_it(
 
 
 def test_tag_is_added_after_a_successful_offboard(
-    make_services: Callable[..., Services], defender: DefenderSimulator
+    make_services: Callable[..., Services], defender: DefenderSimulator, queues: Queues
 ) -> None:
     services = make_services(OFFBOARD_TAG_AFTER_SUCCESS="Offboarded-by-automation")
-    services.worker().process(adopt(services))
+    worker = services.worker()
+    message = adopt(services)
+    worker.process(message)
     assert len(defender.offboard_calls()) == 1
+    # The tag goes in its own message, in bulk with whatever else was offboarded meanwhile.
+    [tag] = [m for m in queues.peek() if m["type"] == "tag"]
+    assert tag["machineIds"] == [MACHINE] and tag["requestIds"] == [message.request_id]
+    worker.handle(json.dumps(tag).encode(), "tag-1")
+    [bulk] = [c for c in defender.calls if c.path == "/api/machines/AddOrRemoveTagForMultipleMachines"]
+    assert bulk.json() == {"Value": "Offboarded-by-automation", "Action": "Add", "MachineIds": [MACHINE]}
     machine_now = defender.machine(MACHINE)
     assert machine_now is not None and machine_now["machineTags"] == ["Offboarded-by-automation"]
+    assert "Tagged" in events(services, message.request_id)
 
 
 # ---- through the local host --------------------------------------------------------------

@@ -9,8 +9,8 @@ import pytest
 from azure.core.exceptions import ServiceRequestError
 
 from shared.adapters.request_store import StaleRecord
+from shared.domain.errors import IdempotencyKeyReused
 from shared.http.responses import answers_errors
-from shared.http.validate import BadRequest
 from shared.settings import SettingsError
 
 REQUEST = func.HttpRequest(method="GET", url="/api/x", headers={}, params={}, route_params={}, body=b"")
@@ -19,7 +19,9 @@ REQUEST = func.HttpRequest(method="GET", url="/api/x", headers={}, params={}, ro
 @pytest.mark.parametrize(
     ("failure", "status", "code"),
     [
-        (BadRequest("InvalidThing", "the thing is wrong", 422), 422, "InvalidThing"),
+        (IdempotencyKeyReused("InvalidThing", "the thing is wrong"), 422, "InvalidThing"),
+        (RecursionError("maximum recursion depth exceeded"), 500, "InternalError"),
+        (KeyError("what a bug looks like"), 500, "InternalError"),
         (SettingsError(["AzureWebJobsStorage is required"]), 500, "ServiceMisconfigured"),
         (ServiceRequestError("connection refused"), 503, "StorageUnavailable"),
         (StaleRecord("r"), 503, "StorageUnavailable"),

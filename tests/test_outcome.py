@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from datetime import UTC, datetime, timedelta
@@ -120,11 +121,6 @@ def test_transient_failures_stop_at_the_attempt_limit() -> None:
     [
         (error(401, "Unauthorized"), "Unauthorized", "DEFENDER_API_SCOPE"),
         (error(403, "Forbidden"), "Forbidden", "Machine.Offboard"),
-        (
-            TokenUnavailable("ClientAuthenticationError: no identity"),
-            "TokenUnavailable",
-            "MANAGED_IDENTITY_CLIENT_ID",
-        ),
     ],
 )
 def test_configuration_failures_wait_long_and_say_what_to_fix(result: object, code: str, hint: str) -> None:
@@ -134,6 +130,22 @@ def test_configuration_failures_wait_long_and_say_what_to_fix(result: object, co
     assert outcome.code == code and hint in outcome.message
     final = decide(result, failures=POLICY.max_attempts - 1)  # type: ignore[arg-type]
     assert isinstance(final, Failed) and final.code == code
+
+
+def test_a_token_hiccup_is_retried_within_seconds_and_a_lasting_one_is_configuration() -> None:
+    result = TokenUnavailable("CredentialUnavailableError: (invalid_scope) 500")
+    delays = []
+    for failures in range(3):
+        outcome = decide(result, failures=failures)
+        assert isinstance(outcome, Requeue) and outcome.kind is RetryKind.TRANSIENT
+        delays.append(outcome.delay_seconds)
+    assert delays[0] <= 2 and delays[1] <= 4 and delays[2] <= 8 and sum(delays) <= 14
+    patient = dataclasses.replace(POLICY, max_attempts=8)
+    lasting = classify(result, failures=3, policy=patient, now=NOW, rng=random.Random(0))
+    assert isinstance(lasting, Requeue) and lasting.kind is RetryKind.CONFIGURATION
+    assert lasting.delay_seconds == 900 and "MANAGED_IDENTITY_CLIENT_ID" in lasting.message
+    final = decide(result, failures=POLICY.max_attempts - 1)
+    assert isinstance(final, Failed) and final.code == "TokenUnavailable"
 
 
 @pytest.mark.parametrize("status", [405, 409, 413, 415, 302])
@@ -163,6 +175,29 @@ class TestRetryAfter:
     def test_a_huge_retry_after_requeues_at_most_seven_days(self) -> None:
         outcome = decide(response(429, **{"Retry-After": "99999999"}))
         assert isinstance(outcome, Requeue) and outcome.delay_seconds == MAX_DELAY_SECONDS
+
+    def test_a_retry_after_beyond_the_longest_window_is_capped_there_and_says_so(self) -> None:
+        outcome = classify(
+            response(429, **{"Retry-After": "604800"}),
+            failures=0,
+            policy=POLICY,
+            now=NOW,
+            rng=random.Random(0),
+            longest_wait=3600,
+        )
+        assert isinstance(outcome, Requeue) and outcome.delay_seconds == 3600
+        assert outcome.capped_retry_after == "604800"
+        within = classify(
+            response(429, **{"Retry-After": "120"}),
+            failures=0,
+            policy=POLICY,
+            now=NOW,
+            rng=random.Random(0),
+            longest_wait=3600,
+        )
+        assert (
+            isinstance(within, Requeue) and within.delay_seconds == 120 and within.capped_retry_after is None
+        )
 
 
 def test_backoff_never_exceeds_the_cap() -> None:

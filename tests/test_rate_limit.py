@@ -4,7 +4,6 @@ in the worker. Windows are small (seconds, not minutes) so the suite stays fast.
 from __future__ import annotations
 
 import base64
-import dataclasses
 import json
 import multiprocessing
 import socket
@@ -21,6 +20,7 @@ from azure.data.tables import TableClient, TableServiceClient
 
 from localdev.azurite import Azurite
 from localdev.defender_sim import DefenderSimulator, Reply, SlidingWindows, operation_of
+from shared.adapters.entities import TableEntities
 from shared.adapters.rate_limit import RateLimiter
 from shared.domain.messages import MessageError, OffboardMessage
 from shared.runtime import Services
@@ -51,7 +51,7 @@ def table_name() -> str:
 def make_limiter(azurite: Azurite, table_name: str) -> Callable[..., RateLimiter]:
     def make(limits: dict[str, tuple[RateWindow, ...]], **kwargs: object) -> RateLimiter:
         table = TableClient.from_connection_string(azurite.connection_string, table_name)
-        return RateLimiter(table, limits, **kwargs)  # type: ignore[arg-type]
+        return RateLimiter(TableEntities(table), limits, **kwargs)  # type: ignore[arg-type]
 
     return make
 
@@ -70,7 +70,12 @@ def assert_never_over(slots: list[float], windows: tuple[RateWindow, ...]) -> No
 def test_rate_limit_defaults_are_defenders_documented_limits() -> None:
     s = Settings.from_env(MINIMAL)
     expected = (RateWindow(100, 60.0), RateWindow(1500, 3600.0))
-    assert s.rate_limits == {"offboard": expected, "machine-read": expected, "action-read": expected}
+    assert s.rate_limits == {
+        "offboard": expected,
+        "machine-read": expected,
+        "action-read": expected,
+        "machine-tag": expected,  # the machine tag APIs document the same limits
+    }
     assert s.rate_limit_table == "offboardratelimits"
 
 
@@ -206,9 +211,10 @@ def test_the_table_is_created_on_first_use(
 ) -> None:
     limiter = make_limiter({"offboard": (RateWindow(1, 1.0),)})
     service = TableServiceClient.from_connection_string(azurite.connection_string)
-    assert limiter.table.table_name not in {t.name for t in service.list_tables()}
+    name = limiter.entities.name  # type: ignore[attr-defined]
+    assert name not in {t.name for t in service.list_tables()}
     limiter.reserve("offboard")
-    assert limiter.table.table_name in {t.name for t in service.list_tables()}
+    assert name in {t.name for t in service.list_tables()}
 
 
 def test_unreachable_table_storage_raises_and_reserves_nothing(azurite: Azurite) -> None:
@@ -219,7 +225,7 @@ def test_unreachable_table_storage_raises_and_reserves_nothing(azurite: Azurite)
     conn = azurite.connection_string.replace(f":{azurite.ports['table']}/", f":{port}/")
     table = TableClient.from_connection_string(conn, "unreachable", retry_total=0)
     with pytest.raises(AzureError):
-        RateLimiter(table, {"offboard": (RateWindow(1, 1.0),)}).reserve("offboard")
+        RateLimiter(TableEntities(table), {"offboard": (RateWindow(1, 1.0),)}).reserve("offboard")
 
 
 WINDOWS = (RateWindow(4, 0.5), RateWindow(10, 3.0))
@@ -269,13 +275,15 @@ def test_threads_of_one_instance_reserve_together_and_correctly(
         thread.join()
     assert len(slots) == 40
     assert_never_over(slots, WINDOWS)
-    stored = limiter.table.get_entity("offboard", "budget")["Slots"]
+    budget = limiter.entities.get("offboard", "budget")
+    assert budget is not None
+    stored = budget["Slots"]
     assert len(stored) == 8 * 10  # the last 10 slots (the largest window's count) are kept
 
 
 def reserve_in_process(connection_string: str, table_name: str, count: int) -> list[float]:
     table = TableClient.from_connection_string(connection_string, table_name)
-    limiter = RateLimiter(table, {"offboard": WINDOWS}, margin=0.0)
+    limiter = RateLimiter(TableEntities(table), {"offboard": WINDOWS}, margin=0.0)
     return [limiter.reserve_at("offboard") for _ in range(count)]
 
 
@@ -413,9 +421,8 @@ def test_budget_table_down_means_no_call_and_the_message_comes_back(
     services = make_services()
     # Only the budget is unreachable: request state and queues work, so the limiter is what stops it.
     unreachable = TableClient.from_connection_string(broken, "budgets", retry_total=0)
-    worker = dataclasses.replace(
-        services, limiter=RateLimiter(unreachable, services.settings.rate_limits)
-    ).worker()
+    services.limiter = RateLimiter(TableEntities(unreachable), services.settings.rate_limits)
+    worker = services.worker()
     with pytest.raises(AzureError):
         worker.process(offboard_message())  # the host redelivers the message later
     assert defender.offboard_calls() == [] and queues.count() == 0

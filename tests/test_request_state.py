@@ -11,25 +11,13 @@ from typing import Any
 import pytest
 
 from localdev.defender_sim import DefenderSimulator, Reply
-from shared.adapters.request_store import RequestRecord
+from shared.adapters.guards import machine_key
+from shared.domain.offboard import Caller, OffboardRequest
 from shared.runtime import Services
-from tests.conftest import MACHINE, Queues, RunningHost, offboard_message
+from tests.conftest import MACHINE, Queues, RunningHost, adopt, events, new_request_id
 
 HostFactory = Callable[..., RunningHost]
 OTHER = "2f6cd0e8f524eee8a13d3a43f529813c95e1dd18"
-
-
-def adopt(services: Services, **fields: Any) -> Any:
-    """A message whose request row exists, as the HTTP intake leaves it."""
-    message = offboard_message(**fields)
-    services.store.create(
-        RequestRecord(message.request_id, message.machine_id, message.caller, message.comment)
-    )
-    return message
-
-
-def events(services: Services, request_id: str) -> list[str]:
-    return [row["event"] for row in services.audit.events(request_id)]
 
 
 def wait_status(host: RunningHost, request_id: str, want: str, timeout: float = 30) -> Any:
@@ -112,7 +100,9 @@ def test_a_pending_offboard_whose_action_cannot_be_found_ends_with_a_note(
     assert record is not None and record.status == "Pending" and record.action_id is None
     # Final, so the poll ends and the machine is free for a later request.
     assert record.final and "not found" in (record.note or "")
-    assert services.store.claim_machine(MACHINE, "6fa240ec-e2bc-4e35-a722-2edb01bb2028") is None
+    submissions = services.submissions(lambda r: r)
+    later = submissions.submit(OffboardRequest(MACHINE, "again"), Caller("agent:test"))
+    assert later.body["requestId"] != record.request_id and "existingRequest" not in later.body
 
 
 def test_cancel_a_held_request(local_host: HostFactory, services: Services) -> None:
@@ -122,7 +112,7 @@ def test_cancel_a_held_request(local_host: HostFactory, services: Services) -> N
     assert held["status"] == "Held"
     response = host.post(f"/api/offboard/{held['requestId']}/cancel")
     assert response.status_code == 200 and response.json()["status"] == "Cancelled"
-    assert services.store.held_ids() == []
+    assert list(services.holds().held()) == []
 
 
 def test_permanent_failure_is_recorded_before_poisoning(
@@ -200,7 +190,7 @@ def test_status_goes_from_queued_to_succeeded_and_the_poll_ends_with_200(
         "StatusChanged",
         "StatusChanged",
     ]
-    assert [r["outcome"] for r in services.audit.events(request_id)[3:]] == [
+    assert [r["outcome"] for r in services.store.events(request_id)[3:]] == [
         "Pending",
         "InProgress",
         "Succeeded",
@@ -313,18 +303,23 @@ def test_unknown_or_malformed_ids(local_host: HostFactory, path: str, status: in
 
 
 def test_a_key_racing_with_itself_accepts_one_request(services: Services) -> None:
-    from shared.http.validate import BadRequest, OffboardRequest
+    from shared.adapters.guards import key_key
+    from shared.domain.errors import Refusal
+    from shared.http.errors import status_of
 
-    store = services.store
-    assert store.reserve_key("race", OffboardRequest(MACHINE, "c").fingerprint)
-    # The second arrival with the key, before the first has its answer: never a second request.
-    submissions = services.submissions()
-    with pytest.raises(BadRequest) as caught:
-        submissions.submit(OffboardRequest(MACHINE, "c"), "agent:test", lambda r: r, "race")
-    assert caught.value.status == 409 and caught.value.code == "IdempotentRequestInProgress"
-    with pytest.raises(BadRequest) as different:
-        submissions.submit(OffboardRequest(OTHER, "c"), "agent:test", lambda r: r, "race")
-    assert different.value.status == 422
+    # The first arrival with the key holds it and has not written its request yet.
+    first = new_request_id()
+    fingerprint = OffboardRequest(MACHINE, "c").fingerprint
+    services.guards.take(key_key("", "race"), first, "first-attempt", fingerprint)
+    # The second arrival, before the first has its answer: never a second request.
+    submissions = services.submissions(lambda r: r)
+    with pytest.raises(Refusal) as caught:
+        submissions.submit(OffboardRequest(MACHINE, "c"), Caller("agent:test"), "race")
+    assert status_of(caught.value) == 409 and caught.value.code == "IdempotentRequestInProgress"
+    with pytest.raises(Refusal) as different:
+        submissions.submit(OffboardRequest(OTHER, "c"), Caller("agent:test"), "race")
+    assert status_of(different.value) == 422
+    assert services.guards.read(machine_key(MACHINE)) is None  # nothing else was taken
 
 
 def test_a_throttled_pending_action_lookup_backs_off_the_action_budget(

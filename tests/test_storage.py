@@ -10,8 +10,9 @@ import pytest
 from azure.identity import ManagedIdentityCredential
 from azure.storage.queue import TextBase64DecodePolicy, TextBase64EncodePolicy
 
-from shared.adapters.storage import StorageAccess, StorageSettingsError, queue_client, table_client
+from shared.adapters.storage import queue_client, table_client
 from shared.settings import Settings, SettingsError
+from shared.storage_settings import StorageAccess, StorageSettingsError
 
 QUEUE_URI = "https://offboardst1.queue.core.usgovcloudapi.net/"
 TABLE_URI = "https://offboardst1.table.core.usgovcloudapi.net/"

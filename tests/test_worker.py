@@ -9,8 +9,9 @@ from collections.abc import Callable
 from localdev.defender_sim import DefenderSimulator, Reply
 from localdev.identity import IdentityEndpoint
 from shared.domain.messages import OffboardMessage
+from shared.runtime import Services
 from shared.worker.worker import Worker
-from tests.conftest import MACHINE, Queues, offboard_message
+from tests.conftest import MACHINE, Queues, adopt, offboard_message
 
 
 def test_sends_exactly_the_documented_request(
@@ -149,14 +150,9 @@ def test_secrets_never_reach_the_logs(
     assert identity.header_secret not in text
 
 
-def test_a_message_the_host_poisons_marks_its_request_failed(make_worker: Callable[..., Worker]) -> None:
-    from shared.adapters.request_store import RequestRecord
-
-    worker = make_worker()
-    message = offboard_message()
-    worker.store.create(
-        RequestRecord(message.request_id, message.machine_id, message.caller, message.comment)
-    )
+def test_a_message_the_host_poisons_marks_its_request_failed(services: Services) -> None:
+    worker = services.worker()
+    message = adopt(services)
     worker.give_up(message.to_json().encode(), "ServiceRequestError: storage down")
     record = worker.store.get(message.request_id)
     assert record is not None and record.status == "Failed" and record.last_error_code == "PoisonedByHost"

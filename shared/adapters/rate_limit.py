@@ -41,7 +41,14 @@ non-decreasing order the proof relies on. A slot that ends up unused (its messag
 too late) is simply wasted: that costs throughput, never a 429.
 
 `penalize(operation, seconds)` records Defender's Retry-After: no slot of that operation
-starts before it, for any instance, and held slots inside it are no longer valid.
+starts before it, for any instance, and held slots inside it are no longer valid. A
+Retry-After longer than the operation's longest window cannot be a rate limit (waiting that
+long frees every window), so the penalty is capped there: one bad header must not stop
+offboarding for a week.
+
+Budgets are per application and tenant (Defender's limits are): each (operation, tenant)
+pair is its own entity, `PartitionKey=<operation>`, `RowKey="budget"` for the home tenant
+and `"budget-<tenantId>"` for a customer tenant.
 
 Failures of table storage propagate (azure.core exceptions): the caller must not call
 Defender without a reservation.
@@ -49,9 +56,7 @@ Defender without a reservation.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import random
 import threading
 import time
 from array import array
@@ -59,22 +64,18 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from azure.core import MatchConditions
-from azure.core.exceptions import ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
-from azure.data.tables import TableClient, UpdateMode
-
 from ..settings import RateWindow
+from .entities import Entities
+from .retrying import retry_on_conflict
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-_ROW_KEY = "budget"
 # Many instances may race for one entity; each lost race costs one read and one write.
 _MAX_ATTEMPTS = 200
-
-
-class RateLimiterBusy(Exception):
-    """The budget entity kept changing under us; no slot was reserved."""
+# The pause between lost races grows from up to 4 ms, so racing instances stop colliding.
+_RACE_JITTER = 0.004
+BudgetKey = tuple[str, str | None]  # (operation, tenant id; None for the home tenant)
 
 
 @dataclass
@@ -107,21 +108,24 @@ def _next_slot(budget: _Budget, now: float, windows: Sequence[RateWindow], margi
 class RateLimiter:
     """Reserves Defender call slots for named operations, shared through one table."""
 
-    table: TableClient
+    entities: Entities
     limits: Mapping[str, Sequence[RateWindow]]
     margin: float = 1.0
     clock: Callable[[], float] = time.time
-    _cache: dict[str, _Budget] = field(default_factory=dict, init=False, repr=False)
-    _locks: dict[str, threading.Lock] = field(default_factory=dict, init=False, repr=False)
-    _pending: dict[str, list[_Pending]] = field(default_factory=dict, init=False, repr=False)
+    _cache: dict[BudgetKey, _Budget] = field(default_factory=dict, init=False, repr=False)
+    _locks: dict[BudgetKey, threading.Lock] = field(default_factory=dict, init=False, repr=False)
+    _pending: dict[BudgetKey, list[_Pending]] = field(default_factory=dict, init=False, repr=False)
     _guard: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
-    _table_ready: bool = field(default=False, init=False, repr=False)
 
-    def reserve(self, operation: str) -> float:
+    def reserve(self, operation: str, tenant: str | None = None) -> float:
         """Take the next slot for `operation`; seconds from now until it starts (0.0 = go now)."""
-        return max(0.0, self.reserve_at(operation) - self.clock())
+        return max(0.0, self.reserve_at(operation, tenant) - self.clock())
 
-    def reserve_at(self, operation: str) -> float:
+    def longest_window(self, operation: str) -> float:
+        """The longest of the operation's windows: no rate-limit wait can be longer."""
+        return max(window.seconds for window in self._windows(operation))
+
+    def reserve_at(self, operation: str, tenant: str | None = None) -> float:
         """Take the next slot for `operation`; its start as a `clock()` time.
 
         Threads of one instance queue up and the one holding the lock reserves for all of
@@ -130,43 +134,46 @@ class RateLimiter:
         short.
         """
         windows = self._windows(operation)
+        key = (operation, tenant)
         mine = _Pending()
         with self._guard:
-            self._pending.setdefault(operation, []).append(mine)
-        with self._lock(operation):
+            self._pending.setdefault(key, []).append(mine)
+        with self._lock(key):
             if mine.slot is not None:
                 return mine.slot  # reserved by another thread's write
             with self._guard:
-                batch = self._pending.pop(operation, [])
+                batch = self._pending.pop(key, [])
 
             def take(budget: _Budget, now: float) -> list[float]:
                 # Each attempt also takes whoever queued up meanwhile: the longer instances
                 # race, the more each winning write reserves.
                 with self._guard:
-                    batch.extend(self._pending.pop(operation, []))
+                    batch.extend(self._pending.pop(key, []))
                 return [_next_slot(budget, now, windows, self.margin) for _ in batch]
 
             try:
-                slots = self._update_locked(operation, take)
+                slots = self._update_locked(key, take)
             except BaseException:
                 with self._guard:  # the others try again themselves
-                    self._pending.setdefault(operation, []).extend(p for p in batch if p is not mine)
+                    self._pending.setdefault(key, []).extend(p for p in batch if p is not mine)
                 raise
             for pending, slot in zip(batch, slots, strict=True):
                 pending.slot = slot
             return next(slot for pending, slot in zip(batch, slots, strict=True) if pending is mine)
 
-    def penalize(self, operation: str, seconds: float) -> None:
+    def penalize(self, operation: str, seconds: float, tenant: str | None = None) -> float:
         """Defender answered 429 with Retry-After `seconds`: no slot of `operation` starts
-        before then, on any instance."""
-        self._windows(operation)
+        before then, on any instance. Returns the seconds recorded (capped at the longest
+        window, see the module docstring)."""
+        seconds = min(max(0.0, seconds), self.longest_window(operation))
 
         def block(budget: _Budget, now: float) -> None:
-            budget.blocked_until = max(budget.blocked_until, now + max(0.0, seconds))
+            budget.blocked_until = max(budget.blocked_until, now + seconds)
 
-        self._update(operation, block)
+        self._update((operation, tenant), block)
+        return seconds
 
-    def still_valid(self, operation: str, slot: float) -> bool:
+    def still_valid(self, operation: str, slot: float, tenant: str | None = None) -> bool:
         """Whether a slot reserved earlier may still be used now: no penalty covers it, it
         has not gone stale (used later than `margin / 2` after its start would eat into the
         margin the proof needs), and the log vouches for it: it is in the log, or older than
@@ -177,7 +184,7 @@ class RateLimiter:
         self._windows(operation)
         # A plain read, outside the lock: waiting behind another thread's reservation would
         # make this message late for the very slot it is checking.
-        budget = self._read(operation)
+        budget = self._read((operation, tenant))
         slots = budget.slots
         vouched = bool(slots) and slot <= slots[-1] and (slot < slots[0] or slot in slots)
         return vouched and slot >= budget.blocked_until and self.clock() <= slot + self.margin / 2
@@ -188,62 +195,48 @@ class RateLimiter:
             raise ValueError(f"no rate limits configured for operation {operation!r}")
         return windows
 
-    def _lock(self, operation: str) -> threading.Lock:
+    def _lock(self, key: BudgetKey) -> threading.Lock:
         with self._guard:
-            return self._locks.setdefault(operation, threading.Lock())
+            return self._locks.setdefault(key, threading.Lock())
 
-    def _update(self, operation: str, change: Callable[[_Budget, float], T]) -> T:
+    def _update(self, key: BudgetKey, change: Callable[[_Budget, float], T]) -> T:
         # Threads of one instance take turns, so only other instances can make a write lose.
-        with self._lock(operation):
-            return self._update_locked(operation, change)
+        with self._lock(key):
+            return self._update_locked(key, change)
 
-    def _update_locked(self, operation: str, change: Callable[[_Budget, float], T]) -> T:
-        for attempt in range(_MAX_ATTEMPTS):
-            budget = self._cache.pop(operation, None) or self._read(operation)
+    def _update_locked(self, key: BudgetKey, change: Callable[[_Budget, float], T]) -> T:
+        def attempt(fresh: bool) -> T:
+            cached = None if fresh else self._cache.pop(key, None)
+            budget = cached or self._read(key)
             result = change(budget, self.clock())
-            try:
-                budget.etag = self._write(operation, budget)
-            except (ResourceModifiedError, ResourceExistsError, ResourceNotFoundError):
-                # Another instance wrote first (412/409) or the entity vanished: re-read, after
-                # a short random pause that grows, so racing instances stop colliding.
-                time.sleep(random.uniform(0, 0.004 * 2 ** min(attempt, 5)))
-                continue
-            self._cache[operation] = budget
+            self._cache.pop(key, None)  # a lost race must not leave the changed copy behind
+            budget.etag = self._write(key, budget)
+            self._cache[key] = budget
             return result
-        raise RateLimiterBusy(f"the {operation} budget changed {_MAX_ATTEMPTS} times while reserving")
 
-    def _read(self, operation: str) -> _Budget:
-        try:
-            entity = self.table.get_entity(operation, _ROW_KEY)
-        except ResourceNotFoundError:
-            self._ensure_table()
+        return retry_on_conflict(attempt, _MAX_ATTEMPTS, f"the {key[0]} budget", jitter=_RACE_JITTER)
+
+    def _read(self, key: BudgetKey) -> _Budget:
+        stored = self.entities.get(*_where(key))
+        if stored is None:
             return _Budget(slots=[])
         slots = array("d")
-        slots.frombytes(entity.get("Slots") or b"")
-        return _Budget(list(slots), float(entity.get("BlockedUntil") or 0.0), entity.metadata["etag"])
+        slots.frombytes(stored.get("Slots") or b"")
+        return _Budget(list(slots), float(stored.get("BlockedUntil") or 0.0), stored.etag)
 
-    def _write(self, operation: str, budget: _Budget) -> str:
+    def _write(self, key: BudgetKey, budget: _Budget) -> str:
+        partition, row = _where(key)
         entity = {
-            "PartitionKey": operation,
-            "RowKey": _ROW_KEY,
+            "PartitionKey": partition,
+            "RowKey": row,
             "Slots": array("d", budget.slots).tobytes(),
             "BlockedUntil": float(budget.blocked_until),
         }
         if budget.etag is None:
-            metadata = self.table.create_entity(entity)
-        else:
-            metadata = self.table.update_entity(
-                entity,
-                mode=UpdateMode.REPLACE,
-                etag=budget.etag,
-                match_condition=MatchConditions.IfNotModified,
-            )
-        return str(metadata["etag"])
+            return self.entities.insert(entity)
+        return self.entities.replace(entity, budget.etag)
 
-    def _ensure_table(self) -> None:
-        # Created on first use, like the queues, so a fresh storage account works.
-        if self._table_ready:
-            return
-        with contextlib.suppress(ResourceExistsError):
-            self.table.create_table()
-        self._table_ready = True
+
+def _where(key: BudgetKey) -> tuple[str, str]:
+    operation, tenant = key
+    return operation, "budget" if tenant is None else f"budget-{tenant}"

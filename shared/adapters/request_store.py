@@ -1,44 +1,40 @@
-"""Request state in Azure Table storage, updated with ETags so two workers cannot overwrite
-each other.
+"""Request state and its audit trail in Table storage: one partition per batch.
 
-One table holds three kinds of row, each in its own partition so no query ever scans:
-- `PartitionKey=<requestId>, RowKey="request"`: the request's state;
-- `PartitionKey="machine-<machineId>", RowKey="active"`: which request currently owns the
-  machine, so a second request for it (a playbook that fired twice) finds the first;
-- `PartitionKey="key-<sha256(Idempotency-Key)>", RowKey="answer"`: the answer given to a
-  caller's idempotency key, replayed when the same key comes again;
-- `PartitionKey="held", RowKey=<requestId>`: the requests the blast-radius breaker holds;
-- `PartitionKey="breaker"`: the breaker's count (see breaker.py).
+Layout (the state table, OFFBOARD_STATE_TABLE_NAME):
+- `PartitionKey="batch-<batchId>"` (ids.py: newest batches sort first), holding
+  - `RowKey=<requestId>`, `kind="request"`: a request's state, updated with ETags;
+  - `RowKey=<requestId>-audit-<time>-<random>`, `kind="audit"`: its audit events, only ever
+    added, each in the same transaction as the state change it records, so the trail can
+    never disagree with the row;
+  - `RowKey="batch"`, `kind="batch"`: for calls with several items, every item's request id
+    (items that named an existing request point outside the partition).
+- Requests created before this layout keep theirs: `PartitionKey=<requestId>,
+  RowKey="request"`, with their audit events in OFFBOARD_AUDIT_TABLE_NAME (`PartitionKey=
+  <requestId>`); every read and write here serves both, so a deployed app's old rows keep
+  working. Events of requests that never got an id (refused at intake) still go there.
+
+The guards (machine, idempotency key), the breaker and the Intune watcher keep their own
+partitions in the same table (guards.py, breaker.py, watcher/).
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
-import threading
-from dataclasses import asdict, dataclass, fields, replace
-from datetime import datetime, timedelta
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from azure.core import MatchConditions
-from azure.core.exceptions import ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
-from azure.data.tables import TableClient, UpdateMode
+from azure.core.exceptions import AzureError
 
-from ..domain.devices import Lookup
-from ..domain.messages import utc_now_iso
+from ..domain import ids
+from ..domain.records import FIELDS, AuditEvent, RequestRecord, utc_now_iso
+from ..domain.statuses import Status
+from .entities import Entities, EntityChanged, EntityConflict, Query, Stored, Write
 
-# Statuses, as callers see them. Queued and Throttled: not yet accepted by Defender. Held:
-# stopped by the blast-radius breaker until an operator releases it. Submitted, Pending,
-# InProgress: Defender has the action. The rest are final (DryRun: everything but the call).
-NOT_SENT = frozenset({"Queued", "Throttled"})
-TERMINAL = frozenset({"Succeeded", "Failed", "Cancelled", "TimeOut", "Rejected", "Expired", "DryRun"})
-# Defender's MachineAction statuses map one to one onto ours.
-ACTION_STATUSES = frozenset({"Pending", "InProgress", "Succeeded", "Failed", "TimeOut", "Cancelled"})
-
-# How long a worker's claim on a request holds: the function timeout (host.json). A claim
-# older than this belongs to a worker that died, and its message may be retried.
-CLAIM_LEASE = timedelta(minutes=5)
+_DETAIL_LIMIT = 1000
+_MAX_WRITES = 100  # Table storage's limit for one transaction
+AUDIT = "-audit-"
 
 
 class StaleRecord(Exception):
@@ -46,242 +42,316 @@ class StaleRecord(Exception):
 
 
 @dataclass(frozen=True)
-class RequestRecord:
-    request_id: str
-    machine_id: str | None  # None until a request that names its device otherwise is resolved
+class NewRequest:
+    """A request to write at acceptance, with the events that record it."""
+
+    record: RequestRecord
+    events: tuple[AuditEvent, ...]
+
+
+@dataclass(frozen=True)
+class BatchItems:
+    """What a call with several items became: item label and request id, in order."""
+
+    batch_id: str
+    items: tuple[tuple[str, str], ...]
     caller: str
-    comment: str
-    status: str = "Queued"
-    attempt: int = 1
-    created_at: str = ""
-    updated_at: str = ""
-    next_attempt_at: str | None = None
-    action_id: str | None = None
-    last_error_code: str | None = None
-    last_error_message: str | None = None
-    follow_up: str | None = None  # "Scheduled" while checks run; "Stopped" after the horizon
-    dry_run: bool = False
-    would_send: str | None = None  # for a dry run: the call that was not made, as JSON
-    note: str | None = None  # why a request ended as it did, when that is not an error
-    lookup: str | None = None  # JSON {"by", "value"}: how the caller named the device
-    claimed_by: str | None = None  # queue message id of the worker calling Defender now
-    claimed_attempt: int | None = None
-    claimed_at: str | None = None
-    etag: str | None = None
+    format: str
+    created_at: str
 
-    @property
-    def final(self) -> bool:
-        """Nothing more will change from our side: the status poll can stop."""
-        return self.status in TERMINAL or self.follow_up == "Stopped"
 
-    def device_lookup(self) -> Lookup | None:
-        if not self.lookup:
+def partition_of(request_id: str) -> str:
+    return f"batch-{ids.batch_of(request_id)}" if ids.is_batched(request_id) else request_id
+
+
+def _row_of(request_id: str) -> str:
+    return request_id if ids.is_batched(request_id) else "request"
+
+
+class RequestStore:
+    def __init__(self, entities: Entities, legacy_audit: Entities) -> None:
+        self._entities = entities
+        self._legacy_audit = legacy_audit
+
+    # ---- reading ------------------------------------------------------------------------
+
+    def get(self, request_id: str) -> RequestRecord | None:
+        stored = self._entities.get(partition_of(request_id), _row_of(request_id))
+        if stored is None or stored.get("kind", "request") != "request":
             return None
-        named = json.loads(self.lookup)
-        return Lookup.of(named["by"], named["value"])
+        return _record(stored)
 
-    def claim_is_live(self, now: datetime) -> bool:
-        if not self.claimed_at:
-            return False
-        return now - datetime.fromisoformat(self.claimed_at) < CLAIM_LEASE
+    def events(self, request_id: str) -> list[dict[str, Any]]:
+        """The request's audit events in order (oldest first)."""
+        if not ids.is_batched(request_id):
+            rows = self._legacy_audit.query(Query(partition=request_id))
+        else:
+            rows = self._entities.query(
+                Query(partition=partition_of(request_id), rows=(request_id + AUDIT, request_id + AUDIT + "~"))
+            )
+        return [_event_view(row) for row in rows]
 
-    def public(self) -> dict[str, Any]:
-        """The caller-facing view: no claim bookkeeping, no ETag."""
-        view: dict[str, Any] = {
-            "requestId": self.request_id,
-            "machineId": self.machine_id,
-            **({"lookup": json.loads(self.lookup)} if self.lookup else {}),
-            "status": self.status,
-            "attempt": self.attempt,
-            "createdAt": self.created_at,
-            "updatedAt": self.updated_at,
-            "caller": self.caller,
-            "comment": self.comment,
+    def batch(self, batch_id: str) -> tuple[BatchItems | None, dict[str, RequestRecord]]:
+        """A batch's item list and the records of its requests (those in its partition, and
+        any existing request an item named), in one query plus a read per outside request."""
+        records: dict[str, RequestRecord] = {}
+        items: BatchItems | None = None
+        for stored in self._entities.query(Query(partition=f"batch-{batch_id}")):
+            kind = stored.get("kind")
+            if kind == "request":
+                record = _record(stored)
+                records[record.request_id] = record
+            elif kind == "batch":
+                items = BatchItems(
+                    batch_id,
+                    tuple((label, rid) for label, rid in json.loads(stored["items"])),
+                    stored.get("caller", ""),
+                    stored.get("format", ""),
+                    stored.get("createdAt", ""),
+                )
+        for _, request_id in items.items if items else ():
+            if request_id not in records and (outside := self.get(request_id)) is not None:
+                records[request_id] = outside
+        return items, records
+
+    def created_between(
+        self, newest: float, oldest: float, where: dict[str, str | int | bool] | None = None
+    ) -> Iterator[RequestRecord]:
+        """Requests of this layout created within [oldest, newest] (epoch seconds), newest
+        first (partition order), filtered by equality on stored fields."""
+        query = Query(
+            partitions=(f"batch-{ids.time_prefix(newest)}", f"batch-{ids.time_prefix(oldest)}~"),
+            where={"kind": "request", **(where or {})},
+        )
+        for stored in self._entities.query(query):
+            yield _record(stored)
+
+    def page_created_between(
+        self,
+        newest: float,
+        oldest: float,
+        where: dict[str, str | int | bool],
+        size: int,
+        continuation: str | None,
+    ) -> tuple[list[RequestRecord], str | None]:
+        query = Query(
+            partitions=(f"batch-{ids.time_prefix(newest)}", f"batch-{ids.time_prefix(oldest)}~"),
+            where={"kind": "request", **where},
+        )
+        page = self._entities.page(query, size, continuation)
+        return [_record(s) for s in page.entities], page.continuation
+
+    def events_between(self, newest: float, oldest: float) -> Iterator[dict[str, Any]]:
+        """Audit events of requests created within [oldest, newest], in partition order."""
+        query = Query(
+            partitions=(f"batch-{ids.time_prefix(newest)}", f"batch-{ids.time_prefix(oldest)}~"),
+            where={"kind": "audit"},
+        )
+        for stored in self._entities.query(query):
+            yield _event_view(stored)
+
+    # ---- accepting ----------------------------------------------------------------------
+
+    def accept(
+        self, requests: Sequence[NewRequest], batch: BatchItems | None = None
+    ) -> tuple[dict[str, RequestRecord], dict[str, Exception]]:
+        """Writes the requests of one batch with their events, as few transactions as fit
+        (an item's row and its events always share one). Returns the written records and,
+        for items whose transaction failed, why (`EntityConflict`: a request id was voided
+        by a later request that took its machine or key over; see guards.py)."""
+        now = utc_now_iso()
+        written: dict[str, RequestRecord] = {}
+        failed: dict[str, Exception] = {}
+        chunk: list[tuple[RequestRecord | None, list[Write]]] = []
+        size = 0
+        if batch is not None:
+            chunk.append((None, [Write.insert(_batch_entity(batch))]))
+            size = 1
+        for new in requests:
+            record = replace(new.record, created_at=new.record.created_at or now, updated_at=now)
+            writes = [Write.insert(_entity(record))] + [
+                Write.insert(_event_entity(record, event)) for event in new.events
+            ]
+            if size + len(writes) > _MAX_WRITES:
+                self._commit(chunk, written, failed)
+                chunk, size = [], 0
+            chunk.append((record, writes))
+            size += len(writes)
+        self._commit(chunk, written, failed)
+        return written, failed
+
+    def _commit(
+        self,
+        chunk: list[tuple[RequestRecord | None, list[Write]]],
+        written: dict[str, RequestRecord],
+        failed: dict[str, Exception],
+    ) -> None:
+        if not chunk:
+            return
+        writes = [w for _, item_writes in chunk for w in item_writes]
+        try:
+            etags = self._entities.transact(writes)
+        except (AzureError, EntityConflict, EntityChanged) as exc:  # reported per item
+            failed.update({r.request_id: exc for r, _ in chunk if r is not None})
+            return
+        position = 0
+        for item, item_writes in chunk:
+            if item is not None:
+                written[item.request_id] = replace(item, etag=etags[position])
+            position += len(item_writes)
+
+    def void(self, request_id: str) -> bool:
+        """Claims a request id whose acceptor died before writing its row, so that a slow
+        acceptor can never write it later. False if the row exists after all."""
+        entity = {
+            "PartitionKey": partition_of(request_id),
+            "RowKey": _row_of(request_id),
+            "kind": "void",
+            "voidedAt": utc_now_iso(),
         }
-        if self.next_attempt_at and self.status in NOT_SENT:
-            view["nextAttemptAt"] = self.next_attempt_at
-        if self.action_id:
-            view["actionId"] = self.action_id
-        if self.last_error_code:
-            view["lastError"] = {"code": self.last_error_code, "message": self.last_error_message or ""}
-        if self.follow_up:
-            view["followUp"] = self.follow_up
-        if self.dry_run:
-            view["dryRun"] = True
-        if self.note:
-            view["note"] = self.note
-        if self.would_send:
-            view["wouldSend"] = json.loads(self.would_send)
-        return view
+        try:
+            self._entities.insert(entity)
+        except EntityConflict:
+            return False
+        return True
+
+    # ---- changing -----------------------------------------------------------------------
+
+    def update(self, record: RequestRecord, event: AuditEvent | None = None, **changes: Any) -> RequestRecord:
+        """Writes `changes` onto `record` if nobody changed the row since it was read, and
+        its audit event with it (one transaction; two writes for a request of the old layout)."""
+        etag, updated_at = self._merge(record, event, changes)
+        return replace(record, **changes, updated_at=updated_at, etag=etag)
+
+    def change(self, about: RequestRecord, event: AuditEvent | None = None, **changes: Any) -> str:
+        """Merges `changes` into the row whose ETag `about` carries, without needing the rest
+        of the row (the worker knows a request from its message): only the fields named
+        change, and a field set to None is cleared. Returns the new ETag; raises StaleRecord
+        when the row changed since that ETag."""
+        return self._merge(about, event, changes)[0]
+
+    def _merge(
+        self, about: RequestRecord, event: AuditEvent | None, changes: dict[str, Any]
+    ) -> tuple[str, str]:
+        if about.etag is None:
+            raise StaleRecord(about.request_id)  # never read: nothing to be conditional on
+        updated_at = utc_now_iso()
+        delta: dict[str, Any] = {
+            "PartitionKey": partition_of(about.request_id),
+            "RowKey": _row_of(about.request_id),
+            "updatedAt": updated_at,
+        }
+        for name, value in changes.items():
+            if name not in FIELDS or name == "request_id":
+                raise ValueError(f"{name} is not a request field")
+            # A merge cannot remove a property, so a cleared field is stored empty.
+            delta[_camel(name)] = _CLEARED.get(name, "") if value is None else _stored_value(value)
+        subject = replace(about, **{k: v for k, v in changes.items() if k in ("machine_id", "tenant_id")})
+        writes = [Write.merge(delta, about.etag)]
+        batched = ids.is_batched(about.request_id)
+        if event is not None and batched:
+            writes.append(Write.insert(_event_entity(subject, event)))
+        try:
+            etag = self._entities.transact(writes)[0]
+        except EntityChanged as exc:
+            raise StaleRecord(about.request_id) from exc
+        if event is not None and not batched:
+            self._legacy_audit.insert(_event_entity(subject, event, legacy=True))
+        return etag, updated_at
+
+    def record_event(self, record_or_id: RequestRecord | str, event: AuditEvent, **about: Any) -> None:
+        """An event with no change of state (a duplicate delivery, a tag added)."""
+        if isinstance(record_or_id, str):
+            request_id, machine_id = record_or_id, about.get("machine_id")
+        else:
+            request_id, machine_id = record_or_id.request_id, record_or_id.machine_id
+        stub = RequestRecord(request_id, machine_id, "", "")
+        if ids.is_batched(request_id):
+            self._entities.insert(_event_entity(stub, event))
+        else:
+            self._legacy_audit.insert(_event_entity(stub, event, legacy=True))
 
 
-_FIELDS = [f.name for f in fields(RequestRecord) if f.name != "etag"]
+# What a cleared field is stored as (a merge cannot remove a property); read back as None.
+_CLEARED: dict[str, Any] = {"claimed_attempt": 0}
+_KEPT = ("caller", "comment")  # may be empty strings in their own right
 
 
-def _to_entity(record: RequestRecord) -> dict[str, Any]:
-    entity: dict[str, Any] = {"PartitionKey": record.request_id, "RowKey": "request"}
+def _stored_value(value: Any) -> Any:
+    return str(value) if isinstance(value, Status) else value
+
+
+def _entity(record: RequestRecord) -> dict[str, Any]:
+    entity: dict[str, Any] = {
+        "PartitionKey": partition_of(record.request_id),
+        "RowKey": _row_of(record.request_id),
+    }
+    if ids.is_batched(record.request_id):
+        entity["kind"] = "request"
     for name, value in asdict(record).items():
-        if name != "etag" and value is not None:
-            entity[_camel(name)] = value
+        if name not in ("etag", "request_id") and value is not None:
+            entity[_camel(name)] = str(value) if isinstance(value, Status) else value
     return entity
 
 
-def _from_entity(entity: Any) -> RequestRecord:
-    values = {name: entity.get(_camel(name)) for name in _FIELDS}
-    values["request_id"] = entity["PartitionKey"]
+def _record(stored: Stored) -> RequestRecord:
+    entity = stored.entity
+    request_id = entity["RowKey"] if entity["RowKey"] != "request" else entity["PartitionKey"]
+    values: dict[str, Any] = {name: entity.get(_camel(name)) for name in FIELDS}
+    values = {
+        k: None if v == _CLEARED.get(k, "") and k not in ("caller", "comment") else v
+        for k, v in values.items()
+    }
+    values["request_id"] = request_id
+    values["status"] = Status(values.get("status") or Status.QUEUED)
     values = {k: v for k, v in values.items() if v is not None or k == "machine_id"}
-    return RequestRecord(**values, etag=entity.metadata.get("etag"))
+    return RequestRecord(**values, etag=stored.etag)
+
+
+def _event_entity(record: RequestRecord, event: AuditEvent, *, legacy: bool = False) -> dict[str, Any]:
+    stamp = f"{event.at:%Y%m%dT%H%M%S%f}-{uuid.uuid4().hex[:8]}"
+    entity: dict[str, Any] = {
+        "PartitionKey": record.request_id if legacy else partition_of(record.request_id),
+        # Sorts by time; the suffix keeps two events in the same microsecond apart.
+        "RowKey": stamp if legacy else f"{record.request_id}{AUDIT}{stamp}",
+        "event": event.event,
+        "at": event.at.isoformat(timespec="milliseconds"),
+    }
+    if not legacy:
+        entity["kind"] = "audit"
+        entity["requestId"] = record.request_id
+    for name, value in (
+        ("machineId", record.machine_id),
+        ("caller", event.caller),
+        ("outcome", event.outcome),
+        ("tenantId", record.tenant_id),
+    ):
+        if value:
+            entity[name] = value
+    if event.detail:
+        entity["detail"] = event.detail[:_DETAIL_LIMIT]
+    return entity
+
+
+def _event_view(stored: Stored) -> dict[str, Any]:
+    entity = stored.entity
+    view = {k: v for k, v in entity.items() if k not in ("kind",)}
+    view.setdefault("requestId", entity["PartitionKey"])
+    return view
+
+
+def _batch_entity(batch: BatchItems) -> dict[str, Any]:
+    return {
+        "PartitionKey": f"batch-{batch.batch_id}",
+        "RowKey": "batch",
+        "kind": "batch",
+        "items": json.dumps([list(item) for item in batch.items], separators=(",", ":")),
+        "caller": batch.caller,
+        "format": batch.format,
+        "createdAt": batch.created_at,
+    }
 
 
 def _camel(name: str) -> str:
     head, *rest = name.split("_")
     return head + "".join(word.title() for word in rest)
-
-
-class RequestStore:
-    def __init__(self, table: TableClient) -> None:
-        self._table = table
-        self._ready = False
-        self._lock = threading.Lock()
-
-    def _client(self) -> TableClient:
-        if not self._ready:
-            with self._lock, contextlib.suppress(ResourceExistsError):
-                self._table.create_table()
-            self._ready = True
-        return self._table
-
-    # ---- requests -----------------------------------------------------------------------
-
-    def create(self, record: RequestRecord) -> RequestRecord:
-        now = utc_now_iso()
-        record = replace(record, created_at=record.created_at or now, updated_at=now)
-        meta = self._client().create_entity(_to_entity(record))
-        return replace(record, etag=meta.get("etag"))
-
-    def get(self, request_id: str) -> RequestRecord | None:
-        try:
-            return _from_entity(self._client().get_entity(request_id, "request"))
-        except ResourceNotFoundError:
-            return None
-
-    def update(self, record: RequestRecord, **changes: Any) -> RequestRecord:
-        """Write `changes` onto `record` if nobody changed the row since it was read."""
-        updated = replace(record, **changes, updated_at=utc_now_iso())
-        try:
-            meta = self._client().update_entity(
-                _to_entity(updated),
-                mode=UpdateMode.REPLACE,  # cleared fields (a released claim) must disappear
-                etag=record.etag,
-                match_condition=MatchConditions.IfNotModified,
-            )
-        except (ResourceModifiedError, ResourceNotFoundError) as exc:
-            raise StaleRecord(record.request_id) from exc
-        return replace(updated, etag=meta.get("etag"))
-
-    # ---- one active request per machine -------------------------------------------------
-
-    def claim_machine(self, device_key: str, request_id: str) -> str | None:
-        """Make `request_id` the device's active request, or return the one that already is.
-        `device_key` is the machine id, or `by:value` for a device still to be resolved."""
-        key = {"PartitionKey": f"machine-{device_key}", "RowKey": "active"}
-        table = self._client()
-        for _ in range(5):
-            try:
-                table.create_entity({**key, "requestId": request_id})
-                return None
-            except ResourceExistsError:
-                pass
-            try:
-                row = table.get_entity(key["PartitionKey"], key["RowKey"])
-            except ResourceNotFoundError:
-                continue  # released in between; try to create again
-            current = self.get(row["requestId"])
-            if current is not None and not current.final:
-                return current.request_id
-            try:  # the previous request is over: take the machine over, if nobody beat us
-                table.update_entity(
-                    {**key, "requestId": request_id},
-                    mode=UpdateMode.REPLACE,
-                    etag=row.metadata["etag"],
-                    match_condition=MatchConditions.IfNotModified,
-                )
-                return None
-            except (ResourceModifiedError, ResourceNotFoundError):
-                continue
-        raise StaleRecord(f"machine-{device_key}")
-
-    def release_machine(self, device_key: str, request_id: str) -> None:
-        with contextlib.suppress(ResourceNotFoundError):
-            row = self._client().get_entity(f"machine-{device_key}", "active")
-            if row["requestId"] == request_id:
-                self._client().delete_entity(
-                    row, etag=row.metadata["etag"], match_condition=MatchConditions.IfNotModified
-                )
-
-    # ---- requests held by the breaker ---------------------------------------------------
-
-    def mark_held(self, request_id: str) -> None:
-        # An index partition, so releasing all held requests reads one partition, not the table.
-        self._client().upsert_entity({"PartitionKey": "held", "RowKey": request_id})
-
-    def held_ids(self) -> list[str]:
-        rows = self._client().query_entities(
-            "PartitionKey eq @p", parameters={"p": "held"}, select=["RowKey"]
-        )
-        return [row["RowKey"] for row in rows]
-
-    def unmark_held(self, request_id: str) -> None:
-        with contextlib.suppress(ResourceNotFoundError):
-            self._client().delete_entity("held", request_id)
-
-    # ---- idempotency keys ---------------------------------------------------------------
-
-    def reserve_key(self, key: str, fingerprint: str) -> bool:
-        """Claim `key` for a request about to be accepted; False if it was claimed before.
-        Reserving first means two requests racing with one key cannot both be accepted."""
-        try:
-            self._client().create_entity(
-                {
-                    "PartitionKey": _key_partition(key),
-                    "RowKey": "answer",
-                    "fingerprint": fingerprint,
-                    "status": 0,  # no answer yet: the first request is still being accepted
-                    "body": "{}",
-                    "createdAt": utc_now_iso(),
-                }
-            )
-            return True
-        except ResourceExistsError:
-            return False
-
-    def recall_answer(self, key: str) -> tuple[str, int, dict[str, Any]] | None:
-        """(fingerprint of the first body, status, body) given for this key, if any; status 0
-        while the first request is still being accepted."""
-        try:
-            row = self._client().get_entity(_key_partition(key), "answer")
-        except ResourceNotFoundError:
-            return None
-        return row["fingerprint"], int(row["status"]), json.loads(row["body"])
-
-    def remember_answer(self, key: str, fingerprint: str, status: int, body: dict[str, Any]) -> None:
-        self._client().upsert_entity(
-            {
-                "PartitionKey": _key_partition(key),
-                "RowKey": "answer",
-                "fingerprint": fingerprint,
-                "status": status,
-                "body": json.dumps(body, separators=(",", ":")),
-                "createdAt": utc_now_iso(),
-            },
-            mode=UpdateMode.REPLACE,
-        )
-
-    def forget_key(self, key: str) -> None:
-        with contextlib.suppress(ResourceNotFoundError):
-            self._client().delete_entity(_key_partition(key), "answer")
-
-
-def _key_partition(key: str) -> str:
-    # Hashed: a caller's key may hold characters a PartitionKey cannot (/, \, #, ?).
-    return "key-" + hashlib.sha256(key.encode()).hexdigest()

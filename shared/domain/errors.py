@@ -26,3 +26,49 @@ class ConnectionFailed(RequestNotSent):
 
 class NoResponse(DefenderCallError):
     """The request may have reached Defender, but no answer came back in time."""
+
+
+# ---- what a caller asked for cannot be done ----------------------------------------------
+# Named by what happened; the HTTP side maps each to a status in one place (http/errors.py),
+# as azure-core maps status codes to ResourceNotFoundError and friends.
+
+
+class Refusal(Exception):
+    """The request cannot be done as asked. `code` is the contract's error code."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class InvalidInput(Refusal):
+    """What was sent is not something this service accepts."""
+
+
+class PayloadTooLarge(InvalidInput):
+    """The body is over the size limit."""
+
+
+class RequestNotFound(Refusal):
+    """No such request (or none the caller may see)."""
+
+
+class RequestConflict(Refusal):
+    """The request's state does not allow this (yet): finished, being sent, not held..."""
+
+
+class IdempotencyKeyReused(Refusal):
+    """An idempotency key came back with a different request."""
+
+
+class NotPermitted(Refusal):
+    """The caller may not do this (e.g. cancel without the master key)."""
+
+
+class DefenderUnavailable(Refusal):
+    """Defender could not be reached, or refused, for a call made on the caller's behalf."""
+
+
+class ServiceUnavailable(Refusal):
+    """Storage could not be reached or kept changing: nothing was accepted; try again."""

@@ -1,10 +1,12 @@
 """The work-queue messages: versioned JSON, strict on the way in.
 
-Three types share the queue: `offboard` (call Defender's offboard for a request), `check`
-(read the resulting MachineAction's status later) and `hold-expiry` (expire a request the
-blast-radius breaker held, if nobody released it). The queue is the product's memory
-between the HTTP intake and the worker, so a message that cannot be understood is never
-guessed at: it is refused with a reason and poisoned.
+Five types share the queue: `offboard` (call Defender's offboard for a request), `check`
+(read the resulting MachineAction's status later), `hold-expiry` (expire a held request if
+nobody released it), `tag` (tag offboarded machines, many in one call) and `notify` (tell
+operators that requests are held). The queue is the product's memory between the HTTP
+intake and the worker, so a message that cannot be understood is never guessed at: it is
+refused with a reason and poisoned. Every field added since version 1 is optional, so
+messages queued by an older version are read as they were written.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ MACHINE_ID = re.compile(r"[0-9a-f]{40}")
 # MachineAction ids are GUIDs; they reach a URL path, so nothing else is accepted.
 ACTION_ID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 REQUEST_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+TENANT_ID = REQUEST_ID  # tenant ids are GUIDs too, lower-cased at intake
 
 
 class MessageError(ValueError):
@@ -54,6 +57,13 @@ class OffboardMessage:
     read_slot_at: float | None = None
     # The precheck passed: a request that waits for its offboard slot is not read again.
     prechecked: bool = False
+    # The request row's ETag when this message was sent: the worker claims the row with it,
+    # without reading it first (a 412 means it changed: then it reads and decides).
+    etag: str | None = None
+    tenant_id: str | None = None  # None: the home tenant
+    # An earlier delivery claimed this attempt at this time and may have reached Defender:
+    # look for the action it may have started before calling again (ISO 8601, UTC).
+    in_doubt_since: str | None = None
 
     def __post_init__(self) -> None:
         if (self.machine_id is None) == (self.lookup is None):
@@ -108,6 +118,9 @@ class OffboardMessage:
             slot_at=_optional_time(body, "slotAt"),
             read_slot_at=_optional_time(body, "readSlotAt"),
             prechecked=_flag(body, "prechecked"),
+            etag=_optional_text(body, "etag"),
+            tenant_id=_optional_text(body, "tenantId", TENANT_ID),
+            in_doubt_since=_optional_text(body, "inDoubtSince"),
         )
 
 
@@ -121,6 +134,9 @@ class ActionCheckMessage:
     submitted_at: str  # ISO 8601, UTC: when Defender accepted the offboard
     check: int = 1
     slot_at: float | None = None  # the action-read slot it waits for (see OffboardMessage)
+    # The action's status when this check was queued: an unchanged answer needs no row write.
+    status: str | None = None
+    tenant_id: str | None = None
 
     def to_json(self) -> str:
         return _dump("check", self)
@@ -134,6 +150,8 @@ class ActionCheckMessage:
             submitted_at=_text(body, "submittedAt"),
             check=_count(body, "check"),
             slot_at=_optional_time(body, "slotAt"),
+            status=_optional_text(body, "status"),
+            tenant_id=_optional_text(body, "tenantId", TENANT_ID),
         )
 
 
@@ -151,12 +169,77 @@ class HoldExpiryMessage:
         return cls(request_id=_text(body, "requestId", REQUEST_ID))
 
 
-Message = OffboardMessage | ActionCheckMessage | HoldExpiryMessage
-_TYPES: dict[str, type[OffboardMessage] | type[ActionCheckMessage] | type[HoldExpiryMessage]] = {
+@dataclass(frozen=True)
+class TagMessage:
+    """Tag machines that were offboarded (OFFBOARD_TAG_AFTER_SUCCESS), up to 500 in one call;
+    `request_ids[i]` is the request of `machine_ids[i]`, for its audit trail."""
+
+    tag: str
+    machine_ids: tuple[str, ...]
+    request_ids: tuple[str, ...]
+    tenant_id: str | None = None
+    slot_at: float | None = None
+    attempt: int = 1
+
+    def __post_init__(self) -> None:
+        if len(self.machine_ids) != len(self.request_ids) or not 1 <= len(self.machine_ids) <= MAX_TAGGED:
+            raise ValueError(f"a tag message names 1-{MAX_TAGGED} machines, each with its request")
+
+    def to_json(self) -> str:
+        return _dump("tag", self)
+
+    @classmethod
+    def from_body(cls, body: dict[str, Any]) -> TagMessage:
+        machines, requests = body.get("machineIds"), body.get("requestIds")
+        if not isinstance(machines, list) or not isinstance(requests, list):
+            raise MessageError("fields 'machineIds' and 'requestIds' must be lists")
+        if not all(isinstance(m, str) and MACHINE_ID.fullmatch(m) for m in machines):
+            raise MessageError("field 'machineIds' holds a malformed machine id")
+        if not all(isinstance(r, str) and REQUEST_ID.fullmatch(r) for r in requests):
+            raise MessageError("field 'requestIds' holds a malformed request id")
+        try:
+            return cls(
+                tag=_text(body, "tag"),
+                machine_ids=tuple(machines),
+                request_ids=tuple(requests),
+                tenant_id=_optional_text(body, "tenantId", TENANT_ID),
+                slot_at=_optional_time(body, "slotAt"),
+                attempt=_count(body, "attempt"),
+            )
+        except ValueError as exc:
+            raise MessageError(str(exc)) from None
+
+
+@dataclass(frozen=True)
+class NotifyMessage:
+    """Tell operators (OFFBOARD_HOLD_NOTIFY_URL) that requests were held: one per call."""
+
+    request_ids: tuple[str, ...]
+    attempt: int = 1
+
+    def to_json(self) -> str:
+        return _dump("notify", self)
+
+    @classmethod
+    def from_body(cls, body: dict[str, Any]) -> NotifyMessage:
+        requests = body.get("requestIds")
+        if not isinstance(requests, list) or not requests:
+            raise MessageError("field 'requestIds' must be a non-empty list")
+        if not all(isinstance(r, str) and REQUEST_ID.fullmatch(r) for r in requests):
+            raise MessageError("field 'requestIds' holds a malformed request id")
+        return cls(request_ids=tuple(requests), attempt=_count(body, "attempt"))
+
+
+Message = OffboardMessage | ActionCheckMessage | HoldExpiryMessage | TagMessage | NotifyMessage
+_TYPES: dict[str, Any] = {
     "offboard": OffboardMessage,
     "check": ActionCheckMessage,
     "hold-expiry": HoldExpiryMessage,
+    "tag": TagMessage,
+    "notify": NotifyMessage,
 }
+# The bulk tag call takes up to 500 machines.
+MAX_TAGGED = 500
 
 
 def parse_message(text: str) -> Message:
@@ -171,11 +254,14 @@ def parse_message(text: str) -> Message:
     kind = _TYPES.get(body.get("type", "offboard"))
     if kind is None:
         raise MessageError(f"unknown message type {body.get('type')!r}")
-    return kind.from_body(body)
+    message: Message = kind.from_body(body)
+    return message
 
 
 def _dump(kind: str, message: Message) -> str:
-    fields = {_camel(k): v for k, v in asdict(message).items() if v is not None}
+    fields = {
+        _camel(k): list(v) if isinstance(v, tuple) else v for k, v in asdict(message).items() if v is not None
+    }
     body = {"v": SCHEMA_VERSION, "type": kind, **fields}
     return json.dumps(body, separators=(",", ":"))
 
@@ -196,6 +282,10 @@ def _text(body: dict[str, Any], name: str, pattern: re.Pattern[str] | None = Non
     if pattern is not None and not pattern.fullmatch(value):
         raise MessageError(f"field {name!r} is malformed")
     return value
+
+
+def _optional_text(body: dict[str, Any], name: str, pattern: re.Pattern[str] | None = None) -> str | None:
+    return None if body.get(name) is None else _text(body, name, pattern)
 
 
 def _flag(body: dict[str, Any], name: str) -> bool:

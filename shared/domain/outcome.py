@@ -24,6 +24,11 @@ THROTTLE_DEFAULT_SECONDS = 60.0
 THROTTLE_JITTER_SECONDS = 15.0
 _DETAIL_LIMIT = 500
 TRANSIENT_STATUSES = frozenset({408, 500, 502, 503, 504})
+# A token the managed identity could not give is a hiccup first (azure-identity remembers a
+# failed request for a few seconds, so the next try must come a little later), and a
+# configuration problem only when it persists: 2, 4, then 8 s (half of each random).
+TOKEN_BACKOFF_SECONDS = 2.0
+TOKEN_TRANSIENT_FAILURES = 3
 
 
 class RetryKind(enum.Enum):
@@ -49,6 +54,9 @@ class Requeue:
     delay_seconds: int
     code: str
     message: str
+    # A Retry-After longer than the operation's longest rate-limit window, as Defender sent
+    # it: the wait was capped (the caller logs it as a warning).
+    capped_retry_after: str | None = None
 
 
 @dataclass(frozen=True)
@@ -77,14 +85,25 @@ def classify(
     now: datetime,
     rng: random.Random,
     permission: str = "Machine.Offboard",
+    longest_wait: float = MAX_DELAY_SECONDS,
 ) -> Outcome:
     """Decide what to do with one Defender call (the offboard, or a read that serves it).
 
     `failures` is how many transient or configuration failures the request had before
     this call; it bounds retries so a broken request cannot cycle forever. `permission` is
-    the app role a 403 tells the operator to grant.
+    the app role a 403 tells the operator to grant. `longest_wait` is the longest window of
+    the call's rate limit: a 429 asking to wait longer than that cannot be a rate limit.
     """
     if isinstance(result, DefenderCallError):
+        transient_token = failures < TOKEN_TRANSIENT_FAILURES and failures + 1 < policy.max_attempts
+        if isinstance(result, TokenUnavailable) and transient_token:
+            delay = TOKEN_BACKOFF_SECONDS * 2.0**failures
+            return Requeue(
+                RetryKind.TRANSIENT,
+                _whole_seconds(delay / 2 + rng.uniform(0, delay / 2)),
+                "TokenUnavailable",
+                f"the managed identity gave no token ({result}); trying again shortly",
+            )
         if isinstance(result, TokenUnavailable):
             return _configuration(
                 "TokenUnavailable",
@@ -103,10 +122,17 @@ def classify(
     if status == 400 and code == "ActiveRequestAlreadyExists":
         return Succeeded(already_pending=True)
     if status == 429:
-        delay = parse_retry_after(result.headers.get("Retry-After"), now)
-        if delay is None:
-            delay = THROTTLE_DEFAULT_SECONDS + rng.uniform(0, THROTTLE_JITTER_SECONDS)
-        return Requeue(RetryKind.THROTTLED, _whole_seconds(delay), code or "TooManyRequests", detail)
+        raw = result.headers.get("Retry-After")
+        asked = parse_retry_after(raw, now)
+        delay = THROTTLE_DEFAULT_SECONDS + rng.uniform(0, THROTTLE_JITTER_SECONDS) if asked is None else asked
+        capped = raw if delay > longest_wait else None
+        return Requeue(
+            RetryKind.THROTTLED,
+            _whole_seconds(min(delay, longest_wait)),
+            code or "TooManyRequests",
+            detail,
+            capped_retry_after=capped[:100] if capped else None,
+        )
     if status == 401:
         return _configuration(
             code or "Unauthorized",

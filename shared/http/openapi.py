@@ -1,8 +1,8 @@
 """The OpenAPI 2.0 document for a Logic Apps / Power Automate custom connector.
 
 The document is stored in the repository (`openapi/offboard.swagger.json`) and served with the
-host and scheme of the request that fetched it, so an imported connector points at the app
-that served it.
+host and scheme of the app's public base URL (shared/http/responses.py, PublicUrls), so an
+imported connector points at the app that served it.
 """
 
 from __future__ import annotations
@@ -23,8 +23,10 @@ def _stored() -> dict[str, Any]:
     return document
 
 
-def document_for(request_url: str) -> dict[str, Any]:
-    parts = urlsplit(request_url)
+def document_for(base_url: str) -> dict[str, Any]:
+    """The document with `host` and `schemes` of the app's public base URL (never the Host
+    header of the request that fetched it)."""
+    parts = urlsplit(base_url)
     document = copy.deepcopy(_stored())
     document["host"] = parts.netloc
     document["schemes"] = [parts.scheme or "https"]

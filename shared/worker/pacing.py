@@ -33,10 +33,10 @@ class Pacer:
     sleep: Callable[[float], None] = time.sleep
     clock: Callable[[], float] = time.time
 
-    def admit(self, operation: str, held: float | None = None) -> float | None:
+    def admit(self, operation: str, held: float | None = None, tenant: str | None = None) -> float | None:
         """None when the call may go now (having waited inline if the slot was close);
         otherwise the reserved slot the caller must come back for."""
-        if held is not None and self.limiter.still_valid(operation, held):
+        if held is not None and self.limiter.still_valid(operation, held, tenant):
             slot = held
         else:
             if held is not None:
@@ -46,7 +46,7 @@ class Pacer:
                     held,
                     self.clock() - held,
                 )
-            slot = self.limiter.reserve_at(operation)
+            slot = self.limiter.reserve_at(operation, tenant)
         wait = slot - self.clock()
         if wait > self.max_inline_wait:
             return slot
@@ -61,5 +61,8 @@ class Pacer:
         lead = min(self.max_inline_wait, RETURN_LEAD_SECONDS)
         return max(0, math.ceil(slot - self.clock() - lead))
 
-    def penalize(self, operation: str, seconds: float) -> None:
-        self.limiter.penalize(operation, seconds)
+    def penalize(self, operation: str, seconds: float, tenant: str | None = None) -> float:
+        return self.limiter.penalize(operation, seconds, tenant)
+
+    def longest_window(self, operation: str) -> float:
+        return self.limiter.longest_window(operation)

@@ -3,15 +3,17 @@
 Every caller posts to the one `POST /api/offboard` route (plus `OPTIONS` there for the
 CloudEvents handshake). `recognise()` picks the adapter from the method, headers, query and
 the payload's shape, and returns either a handshake to answer as is, or per-item results.
-A payload error that concerns the whole call raises `intake.BadRequest`.
+A payload error that concerns the whole call raises `InvalidInput`. A payload-level
+`tenantId` (a customer tenant, see OFFBOARD_TENANTS) applies to every item that names none.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
+from ...domain.errors import InvalidInput
 from .. import validate as intake
-from ..validate import BadRequest
 from . import azuremonitor, cloudevents, eventgrid, graph, intune, native, sentinel
 from .results import (
     FORMATS_UNDERSTOOD,
@@ -55,10 +57,24 @@ def recognise(inbound: Inbound, default_comment: str) -> Handshake | Items:
     if cloudevents.is_structured(inbound, payload):
         return cloudevents.structured(payload, default_comment)
     if not isinstance(payload, dict):
-        raise BadRequest(
+        raise InvalidInput(
             "InvalidBody", "the body must be a JSON object; formats understood: " + FORMATS_UNDERSTOOD
         )
-    return _object(payload, default_comment)
+    return _with_tenant(_object(payload, default_comment), intake.tenant_id_of(payload.get("tenantId")))
+
+
+def _with_tenant(items: Items, tenant: str | None) -> Items:
+    if tenant is None:
+        return items
+    return replace(
+        items,
+        items=[
+            replace(item, request=replace(item.request, tenant_id=tenant))
+            if isinstance(item, Accepted) and item.request.tenant_id is None
+            else item
+            for item in items.items
+        ],
+    )
 
 
 def _object(payload: dict[str, Any], default_comment: str) -> Items:

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from ...domain.errors import InvalidInput
+from ...domain.offboard import OffboardRequest
 from .. import validate as intake
-from ..validate import BadRequest, OffboardRequest
 from .native import lookup_of
 from .results import MAX_ITEMS, Accepted, Ignored, Item, Items, Rejected
 
@@ -30,7 +31,7 @@ def alert(payload: dict[str, Any], default_comment: str) -> Items:
     data = payload.get("data")
     essentials = data.get("essentials") if isinstance(data, dict) else None
     if not isinstance(data, dict) or not isinstance(essentials, dict):
-        raise BadRequest("InvalidBody", "a common alert schema alert needs data.essentials")
+        raise InvalidInput("InvalidBody", "a common alert schema alert needs data.essentials")
     rule, alert_id = essentials.get("alertRule"), essentials.get("alertId")
     if essentials.get("monitorCondition") != "Fired":
         reason = f"monitorCondition is {str(essentials.get('monitorCondition'))[:20]!r}, not 'Fired'"
@@ -42,7 +43,7 @@ def alert(payload: dict[str, Any], default_comment: str) -> Items:
     if not isinstance(all_of, list) or not all_of:
         return Items("azuremonitor", [_no_dimension("alert")])
     if len(all_of) > MAX_ITEMS:
-        raise BadRequest("BatchTooLarge", f"{len(all_of)} conditions; at most {MAX_ITEMS} per call")
+        raise InvalidInput("BatchTooLarge", f"{len(all_of)} conditions; at most {MAX_ITEMS} per call")
     return Items("azuremonitor", [_condition(f"allOf[{i}]", c, comment) for i, c in enumerate(all_of)])
 
 
@@ -61,7 +62,7 @@ def _condition(label: str, condition: Any, comment: str) -> Item:
             return Accepted(label, OffboardRequest(None, comment, lookup_of("aadDeviceId", value)))
         if value := _first(found, _NAME):
             return Accepted(label, OffboardRequest(None, comment, lookup_of("deviceName", value)))
-    except BadRequest as exc:
+    except InvalidInput as exc:
         return Rejected(label, exc.code, exc.message)
     return _no_dimension(label)
 

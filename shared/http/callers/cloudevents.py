@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..validate import BadRequest
+from ...domain.errors import InvalidInput
 from .native import item_of
 from .results import MAX_ITEMS, OFFBOARD_EVENT_TYPE, Handshake, Ignored, Inbound, Item, Items, Rejected
 
@@ -22,12 +22,12 @@ _ORIGIN_LIMIT = 255
 def handshake(inbound: Inbound) -> Handshake:
     origin = inbound.headers.get("webhook-request-origin", "").strip()
     if not origin:
-        raise BadRequest(
+        raise InvalidInput(
             "MissingWebHookRequestOrigin",
             "OPTIONS is only the CloudEvents webhook handshake; send WebHook-Request-Origin",
         )
     if len(origin) > _ORIGIN_LIMIT or not all(" " < ch <= "~" for ch in origin):
-        raise BadRequest("InvalidWebHookRequestOrigin", "WebHook-Request-Origin is not a host name")
+        raise InvalidInput("InvalidWebHookRequestOrigin", "WebHook-Request-Origin is not a host name")
     headers = {"WebHook-Allowed-Origin": origin, "WebHook-Allowed-Rate": "*", "Allow": "POST, OPTIONS"}
     return Handshake("cloudevents-validation", 200, "", "text/plain", headers)
 
@@ -56,9 +56,9 @@ def binary(inbound: Inbound, payload: Any, default_comment: str) -> Items:
 def structured(payload: Any, default_comment: str) -> Items:
     events = payload if isinstance(payload, list) else [payload]
     if not events:
-        raise BadRequest("InvalidBody", "the CloudEvents batch is empty")
+        raise InvalidInput("InvalidBody", "the CloudEvents batch is empty")
     if len(events) > MAX_ITEMS:
-        raise BadRequest("BatchTooLarge", f"{len(events)} events in one delivery; at most {MAX_ITEMS}")
+        raise InvalidInput("BatchTooLarge", f"{len(events)} events in one delivery; at most {MAX_ITEMS}")
     return Items("cloudevents", [_event(i, e, default_comment) for i, e in enumerate(events)])
 
 

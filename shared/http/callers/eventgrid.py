@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from ..validate import BadRequest
+from ...domain.errors import InvalidInput
 from .native import item_of
 from .results import MAX_ITEMS, OFFBOARD_EVENT_TYPE, Handshake, Ignored, Inbound, Item, Items, Rejected
 
@@ -28,14 +28,14 @@ def is_eventgrid(inbound: Inbound, payload: Any) -> bool:
 def recognise(inbound: Inbound, payload: Any, default_comment: str) -> Handshake | Items:
     events = payload if isinstance(payload, list) else [payload]
     if not events:
-        raise BadRequest("InvalidBody", "the Event Grid delivery has no events")
+        raise InvalidInput("InvalidBody", "the Event Grid delivery has no events")
     for event in events:
         if isinstance(event, dict) and event.get("eventType") == VALIDATION_EVENT:
             return _validation(event)
     if inbound.headers.get("aeg-event-type", "").lower() == "subscriptionvalidation":
-        raise BadRequest("InvalidBody", f"a SubscriptionValidation delivery without a {VALIDATION_EVENT}")
+        raise InvalidInput("InvalidBody", f"a SubscriptionValidation delivery without a {VALIDATION_EVENT}")
     if len(events) > MAX_ITEMS:
-        raise BadRequest(
+        raise InvalidInput(
             "BatchTooLarge",
             f"{len(events)} events in one delivery; at most {MAX_ITEMS} (set maxEventsPerBatch)",
         )
@@ -46,7 +46,7 @@ def _validation(event: dict[str, Any]) -> Handshake:
     data = event.get("data")
     code = data.get("validationCode") if isinstance(data, dict) else None
     if not isinstance(code, str) or not code:
-        raise BadRequest("InvalidBody", "the subscription validation event has no validationCode")
+        raise InvalidInput("InvalidBody", "the subscription validation event has no validationCode")
     return Handshake(
         "eventgrid-validation", 200, json.dumps({"validationResponse": code}), "application/json"
     )

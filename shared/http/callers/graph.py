@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..validate import BadRequest
+from ...domain.errors import InvalidInput
 from . import intune
 from .results import MAX_ITEMS, Handshake, Ignored, Item, Items, Rejected
 
@@ -25,7 +25,7 @@ def is_validation(params: dict[str, str] | Any) -> bool:
 def handshake(token: str) -> Handshake:
     # Echoed verbatim, so it is held to what a Graph token can be: printable, bounded.
     if not token or len(token) > _TOKEN_LIMIT or not all(" " <= ch <= "~" for ch in token):
-        raise BadRequest("InvalidValidationToken", "validationToken must be printable ASCII, 1-4096 chars")
+        raise InvalidInput("InvalidValidationToken", "validationToken must be printable ASCII, 1-4096 chars")
     return Handshake("graph-validation", 200, token, "text/plain")
 
 
@@ -40,7 +40,7 @@ def is_notification(payload: dict[str, Any]) -> bool:
 def notifications(payload: dict[str, Any], default_comment: str) -> Items:
     value = payload["value"]
     if len(value) > MAX_ITEMS:
-        raise BadRequest("BatchTooLarge", f"{len(value)} notifications; at most {MAX_ITEMS} per call")
+        raise InvalidInput("BatchTooLarge", f"{len(value)} notifications; at most {MAX_ITEMS} per call")
     return Items("graph", [_notification(i, n, default_comment) for i, n in enumerate(value)])
 
 

@@ -12,8 +12,9 @@ from __future__ import annotations
 from typing import Any
 
 from ...domain.devices import EMPTY_GUID
+from ...domain.errors import InvalidInput
+from ...domain.offboard import OffboardRequest
 from .. import validate as intake
-from ..validate import BadRequest, OffboardRequest
 from .native import lookup_of
 from .results import MAX_ITEMS, Accepted, Ignored, Item, Items, Rejected
 
@@ -41,7 +42,7 @@ def single(payload: dict[str, Any], default_comment: str) -> Items:
 def device_list(payload: dict[str, Any], default_comment: str) -> Items:
     devices = payload["value"]
     if len(devices) > MAX_ITEMS:
-        raise BadRequest("BatchTooLarge", f"{len(devices)} managed devices; at most {MAX_ITEMS} per call")
+        raise InvalidInput("BatchTooLarge", f"{len(devices)} managed devices; at most {MAX_ITEMS} per call")
     return Items("intune", [device_item(f"value[{i}]", d, default_comment) for i, d in enumerate(devices)])
 
 
@@ -58,7 +59,7 @@ def device_item(label: str, device: dict[str, Any], default_comment: str, *, del
         return Accepted(
             label, _request(device, state if isinstance(state, str) else "deleted", default_comment)
         )
-    except BadRequest as exc:
+    except InvalidInput as exc:
         return Rejected(label, exc.code, exc.message)
 
 
@@ -72,4 +73,4 @@ def _request(device: dict[str, Any], state: str, default_comment: str) -> Offboa
         return OffboardRequest(None, comment, lookup_of("aadDeviceId", aad))
     if isinstance(name, str) and name:
         return OffboardRequest(None, comment, lookup_of("deviceName", name))
-    raise BadRequest("NoDeviceIdentifier", "the managed device has no azureADDeviceId or deviceName")
+    raise InvalidInput("NoDeviceIdentifier", "the managed device has no azureADDeviceId or deviceName")

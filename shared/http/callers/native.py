@@ -10,8 +10,9 @@ from __future__ import annotations
 from typing import Any
 
 from ...domain.devices import InvalidLookup, Lookup
+from ...domain.errors import InvalidInput
+from ...domain.offboard import OffboardRequest
 from .. import validate as intake
-from ..validate import BadRequest, OffboardRequest
 from .results import FORMATS_UNDERSTOOD, MAX_ITEMS, Accepted, Item, Items, Rejected
 
 _LOOKUP_ERRORS = {"aadDeviceId": "InvalidAadDeviceId", "deviceName": "InvalidDeviceName"}
@@ -28,11 +29,11 @@ def single(payload: dict[str, Any], default_comment: str) -> Items:
 def batch(payload: dict[str, Any], default_comment: str) -> Items:
     requests = payload["requests"]
     if not isinstance(requests, list):
-        raise BadRequest("InvalidBody", '"requests" must be a list of requests')
+        raise InvalidInput("InvalidBody", '"requests" must be a list of requests')
     if not requests:
-        raise BadRequest("EmptyBatch", '"requests" is empty; send at least one request')
+        raise InvalidInput("EmptyBatch", '"requests" is empty; send at least one request')
     if len(requests) > MAX_ITEMS:
-        raise BadRequest(
+        raise InvalidInput(
             "BatchTooLarge", f'"requests" has {len(requests)} items; at most {MAX_ITEMS} per call'
         )
     # A batch-level comment is the default for its items: one incident, many devices.
@@ -44,24 +45,27 @@ def item_of(label: str, value: Any, default_comment: str) -> Item:
     """One request inside a larger payload: an error is that item's, not the whole call's."""
     try:
         return Accepted(label, request_of(value, default_comment))
-    except BadRequest as exc:
+    except InvalidInput as exc:
         return Rejected(label, exc.code, exc.message)
 
 
 def request_of(value: Any, default_comment: str) -> OffboardRequest:
     if not isinstance(value, dict):
-        raise BadRequest("InvalidBody", "a request must be a JSON object")
+        raise InvalidInput("InvalidBody", "a request must be a JSON object")
     comment = intake.comment_of(value.get("comment"), default_comment)
     key = intake.idempotency_key_of(value.get("clientRequestId"))
     dry_run = intake.dry_run_of(value.get("dryRun", False))
+    tenant = intake.tenant_id_of(value.get("tenantId"))
     if value.get("machineId") is not None:
         machine_id = intake.machine_id_of(value["machineId"])
-        return OffboardRequest(machine_id, comment, client_request_id=key, dry_run=dry_run)
+        return OffboardRequest(machine_id, comment, client_request_id=key, dry_run=dry_run, tenant_id=tenant)
     for by in ("aadDeviceId", "deviceName"):
         if value.get(by) is not None:
             lookup = lookup_of(by, value[by])
-            return OffboardRequest(None, comment, lookup, client_request_id=key, dry_run=dry_run)
-    raise BadRequest(
+            return OffboardRequest(
+                None, comment, lookup, client_request_id=key, dry_run=dry_run, tenant_id=tenant
+            )
+    raise InvalidInput(
         "MissingMachineId",
         "machineId is required (or aadDeviceId, or deviceName); formats understood: " + FORMATS_UNDERSTOOD,
     )
@@ -71,4 +75,4 @@ def lookup_of(by: str, value: Any) -> Lookup:
     try:
         return Lookup.of(by, value)
     except InvalidLookup as exc:
-        raise BadRequest(_LOOKUP_ERRORS.get(by, "InvalidBody"), str(exc)) from None
+        raise InvalidInput(_LOOKUP_ERRORS.get(by, "InvalidBody"), str(exc)) from None

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from ..validate import OffboardRequest
+from ...domain.offboard import OffboardRequest
 
 # The most devices one call may name. Defender allows 100 offboards a minute; a bigger
 # batch only waits in the queue, and a caller that sends more is more likely a mistake.

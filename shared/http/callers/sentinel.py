@@ -14,8 +14,9 @@ import json
 from typing import Any
 
 from ...domain.devices import EMPTY_GUID
+from ...domain.errors import InvalidInput
+from ...domain.offboard import OffboardRequest
 from .. import validate as intake
-from ..validate import BadRequest, OffboardRequest
 from .native import lookup_of
 from .results import MAX_ITEMS, Accepted, Ignored, Item, Items, Rejected
 
@@ -65,22 +66,22 @@ def _entity_list(value: Any) -> list[Any]:
         try:
             value = json.loads(value)
         except ValueError:
-            raise BadRequest("InvalidEntities", "Entities is a string but not a JSON array") from None
+            raise InvalidInput("InvalidEntities", "Entities is a string but not a JSON array") from None
     if not isinstance(value, list):
-        raise BadRequest("InvalidEntities", "Entities must be an array of entities")
+        raise InvalidInput("InvalidEntities", "Entities must be an array of entities")
     return value
 
 
 def _hosts(entities: list[Any], comment: str, empty_is_error: bool) -> list[Item]:
     if not isinstance(entities, list):
-        raise BadRequest("InvalidEntities", "relatedEntities must be an array of entities")
+        raise InvalidInput("InvalidEntities", "relatedEntities must be an array of entities")
     if not entities and empty_is_error:
-        raise BadRequest("EmptyEntities", "the Entities list is empty; send at least one host entity")
+        raise InvalidInput("EmptyEntities", "the Entities list is empty; send at least one host entity")
     hosts = [(i, e) for i, e in enumerate(entities) if isinstance(e, dict) and _kind(e) == "host"]
     if not hosts:
         return [Ignored("entities", f"no host entities among {len(entities)} entities; nothing to offboard")]
     if len(hosts) > MAX_ITEMS:
-        raise BadRequest("BatchTooLarge", f"{len(hosts)} host entities; at most {MAX_ITEMS} per call")
+        raise InvalidInput("BatchTooLarge", f"{len(hosts)} host entities; at most {MAX_ITEMS} per call")
     return [_host(i, e, comment) for i, e in hosts]
 
 
@@ -89,7 +90,7 @@ def _host(index: int, entity: dict[str, Any], comment: str) -> Item:
     label = f"entities[{index}] (host {str(name)[:64]})" if name else f"entities[{index}] (host)"
     try:
         return Accepted(label, _request(entity, comment))
-    except BadRequest as exc:
+    except InvalidInput as exc:
         return Rejected(label, exc.code, exc.message)
 
 
@@ -106,7 +107,7 @@ def _request(entity: dict[str, Any], comment: str) -> OffboardRequest:
         fqdn = f"{host}.{domain}"
     if fqdn:
         return OffboardRequest(None, comment, lookup_of("deviceName", fqdn))
-    raise BadRequest(
+    raise InvalidInput(
         "NoDeviceIdentifier",
         "the host entity has no MdatpDeviceId, AadDeviceId, FQDN or HostName with DnsDomain",
     )

@@ -1,79 +1,26 @@
-"""Device resolution: turn a request's lookup (Entra ID device id, DNS name) into exactly one
-Defender machine id, or a permanent failure that says why.
+"""Which Defender record a request means: exactly one machine for a lookup, and the offboard
+action to follow when Defender says one is already pending. Pure: each rule is a unit test.
 
 Exactly one match or nothing: zero machines is `DeviceNotFound`; several is
 `AmbiguousDevice` with their ids, because offboarding "the first" of two machines with the
 same name is how the wrong device gets offboarded. Each returned machine is checked again
 against the lookup here (exact, case-insensitive), so a filter that matched more loosely
 than `eq` could never widen the result.
-
-The lookup costs a Defender API call (`Machine.Read.All`), so it runs in the worker, within
-the same retry and outcome rules as the offboard itself.
 """
 
 from __future__ import annotations
 
 import logging
-import random
 from datetime import datetime
 from typing import Any
 
-import requests
-
-from ..adapters.defender import DefenderClient
-from ..domain.devices import FILTER_FIELD, Lookup
-from ..domain.errors import DefenderCallError
-from ..domain.messages import MACHINE_ID, OffboardMessage
-from ..domain.outcome import Failed, Requeue, RetryPolicy, Succeeded, classify
+from .devices import FILTER_FIELD, Lookup
+from .messages import ACTION_ID, MACHINE_ID
+from .outcome import Failed
 
 log = logging.getLogger(__name__)
-READ_PERMISSION = "Machine.Read.All"
 _LISTED_CANDIDATES = 10
-
-
-def find(defender: DefenderClient, lookup: Lookup) -> requests.Response | DefenderCallError:
-    """The one place a lookup calls Defender (pace it here with the shared rate limiter's
-    "machine-read" budget once that exists)."""
-    try:
-        return defender.find_machines(lookup.odata_filter())
-    except DefenderCallError as exc:
-        return exc
-
-
-def resolve(
-    defender: DefenderClient,
-    message: OffboardMessage,
-    *,
-    policy: RetryPolicy,
-    now: datetime,
-    rng: random.Random,
-) -> OffboardMessage | Requeue | Failed:
-    """The message with its machine id resolved, or what to do with it instead."""
-    assert message.lookup is not None, "only a message with a lookup is resolved"
-    lookup = message.lookup
-    outcome = classify(
-        find(defender, lookup),
-        failures=message.failures,
-        policy=policy,
-        now=now,
-        rng=rng,
-        permission=READ_PERMISSION,
-    )
-    if not isinstance(outcome, Succeeded):
-        return outcome
-    # For a GET, classify's "action" is simply the JSON body: {"value": [machines]}.
-    chosen = choose(lookup, outcome.action)
-    if isinstance(chosen, Failed):
-        return chosen
-    log.info(
-        "Device resolved: request %s %s=%s is machine %s",
-        message.request_id,
-        lookup.by,
-        lookup.value,
-        chosen,
-    )
-    # Hook for request state (another branch): record `resolvedFrom` -> machine id here.
-    return message.resolved(chosen)
+OPEN_ACTION_STATUSES = ("Pending", "InProgress")
 
 
 def choose(lookup: Lookup, body: dict[str, Any]) -> str | Failed:
@@ -113,3 +60,32 @@ def choose(lookup: Lookup, body: dict[str, Any]) -> str | Failed:
             "offboard the right one by machineId",
         )
     return candidates[0]
+
+
+def pending_action(body: Any, since: datetime | None = None) -> str | None:
+    """The offboard action to follow from a `GET /api/machineactions` answer: the newest one
+    still open, or, when `since` is given (an earlier delivery of this request may already
+    have called), the newest one created since then, whatever its status. None if none."""
+    actions = body.get("value") if isinstance(body, dict) else None
+    found: list[tuple[str, str]] = []  # (creationDateTimeUtc as sent, id): ISO 8601 sorts as text
+    for action in actions if isinstance(actions, list) else []:
+        if not isinstance(action, dict) or not isinstance(action.get("id"), str):
+            continue
+        if not ACTION_ID.fullmatch(action["id"]) or action.get("type", "Offboard") != "Offboard":
+            continue
+        created = str(action.get("creationDateTimeUtc") or "")
+        if since is None:
+            wanted = action.get("status") in OPEN_ACTION_STATUSES
+        else:
+            at = _time(created)
+            wanted = at is not None and at >= since
+        if wanted:
+            found.append((created, action["id"]))
+    return max(found)[1] if found else None
+
+
+def _time(value: str) -> datetime | None:
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
