@@ -24,6 +24,21 @@ SAMPLE: dict[str, str] = json.loads((ROOT / "local.settings.sample.json").read_t
 PARAMETERS: dict[str, Any] = TEMPLATE["parameters"]
 VARIABLES: dict[str, Any] = TEMPLATE["variables"]
 INSIGHTS_CONNECTION = "<from the Application Insights resource>"
+COMMERCIAL_DEFENDER_SCOPE = "https://api.securitycenter.microsoft.com/.default"
+# Per Defender cloud: the Graph host, AZURE_AUTHORITY_HOST (None: global sign-in, not set) and
+# the audience of the managed identity's assertion for workload identity federation.
+_GLOBAL = ("graph.microsoft.com", None, "api://AzureADTokenExchange")
+GRAPH_AND_SIGN_IN = {
+    **dict.fromkeys(
+        ["Commercial", "CommercialUS", "CommercialEU", "CommercialUK", "CommercialAU", "GCC"], _GLOBAL
+    ),
+    **dict.fromkeys(
+        ["Security", "SecurityUS", "SecurityEU", "SecurityUK", "SecurityAU", "SecuritySWA", "SecurityINA"],
+        _GLOBAL,
+    ),
+    "GCCHigh": ("graph.microsoft.us", "https://login.microsoftonline.us", "api://AzureADTokenExchangeUSGov"),
+    "DoD": ("dod-graph.microsoft.us", "https://login.microsoftonline.us", "api://AzureADTokenExchangeUSGov"),
+}
 STORAGE_ROLES = {
     "b7e6dc6d-f1e8-4753-8033-0f276bb0955b",  # Storage Blob Data Owner: host leases, deployment package
     "974c5e8b-45b9-4653-ba55-5f855dd0fb88",  # Storage Queue Data Contributor: the work and poison queues
@@ -153,15 +168,36 @@ def test_every_cloud_and_plan_gives_settings_the_app_accepts(cloud: str, plan: s
     # The base URL and the token audience are chosen together, never one without the other.
     host = settings.defender_base_url.removeprefix("https://")
     if cloud.startswith("Commercial"):
-        assert settings.defender_scope == "https://api.securitycenter.microsoft.com/.default"
-        assert host.endswith(".securitycenter.microsoft.com")
+        assert settings.defender_scope == COMMERCIAL_DEFENDER_SCOPE
+        assert re.fullmatch(r"api(-(us|eu|uk|au))?\.securitycenter\.microsoft\.com", host)
+    elif cloud.startswith("Security"):
+        # The newer hosts take the same audience (Learn requests api.securitycenter's for them).
+        assert settings.defender_scope == COMMERCIAL_DEFENDER_SCOPE
+        assert re.fullmatch(r"((us|eu|uk|au|swa|ina)\.)?api\.security\.microsoft\.com", host)
     else:
+        # US Government: the audience is not documented; the template uses the API host itself.
         assert settings.defender_scope == f"https://{host}/.default"
         assert host.endswith(".securitycenter.microsoft.us")
 
 
+@pytest.mark.parametrize("cloud", PARAMETERS["defenderCloud"]["allowedValues"])
+def test_every_cloud_signs_in_and_reads_graph_in_its_own_cloud(cloud: str) -> None:
+    deployed = template_app_settings(defenderCloud=cloud)
+    settings = Settings.from_env(deployed)
+    graph, sign_in, audience = GRAPH_AND_SIGN_IN[cloud]
+    assert settings.graph_base_url == f"https://{graph}"
+    # The .default scope names the Graph root's own domain (Graph national cloud deployments).
+    assert settings.graph_scope == f"https://{graph}/.default"
+    assert settings.token_exchange_audience == audience
+    # azure-identity reads AZURE_AUTHORITY_HOST for the customer-tenant client assertion; an
+    # empty value would make it https:// and break sign-in, so global clouds do not set it.
+    assert deployed.get("AZURE_AUTHORITY_HOST") == sign_in
+
+
 def test_allowed_values_match_what_the_template_maps() -> None:
     assert set(PARAMETERS["defenderCloud"]["allowedValues"]) == set(VARIABLES["defenderClouds"])
+    assert set(PARAMETERS["defenderCloud"]["allowedValues"]) == set(GRAPH_AND_SIGN_IN)
+    assert {c["entraCloud"] for c in VARIABLES["defenderClouds"].values()} == set(VARIABLES["entraClouds"])
     assert PARAMETERS["hostingPlan"]["allowedValues"] == ["FlexConsumption", "Consumption"]
 
 
