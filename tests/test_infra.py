@@ -19,6 +19,7 @@ from shared.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE_PATH = ROOT / "infra" / "azuredeploy.json"
+README = (ROOT / "README.md").read_text()
 TEMPLATE: dict[str, Any] = json.loads(TEMPLATE_PATH.read_text())
 SAMPLE: dict[str, str] = json.loads((ROOT / "local.settings.sample.json").read_text())["Values"]
 PARAMETERS: dict[str, Any] = TEMPLATE["parameters"]
@@ -142,6 +143,58 @@ def test_every_sample_setting_is_set_by_the_template() -> None:
             assert consumption[name] == SAMPLE[name]
         else:
             assert name in flex and name in consumption, f"{name} is not set by the template"
+
+
+# App settings the README names that the template deliberately does not write, and why.
+NOT_SET_BY_THE_TEMPLATE = {
+    "AzureWebJobsStorage": "the template uses the identity form (no connection string, no key)",
+    "AzureWebJobsStorage__accountName": "the template gives the service URIs, right in every cloud",
+    "AzureWebJobsStorage__clientId": "storage uses the system-assigned identity",
+}
+_SETTING_NAME = r"[A-Za-z][A-Za-z0-9_]*"
+
+
+def readme_section(text: str, heading: str) -> str:
+    """The body of the README section `## <heading>`, up to the next `## ` heading."""
+    match = re.search(rf"^## {re.escape(heading)}\n(.*?)(?=^## |\Z)", text, re.MULTILINE | re.DOTALL)
+    assert match, f"the README has no '## {heading}' section"
+    return match[1]
+
+
+def settings_the_readme_asks_for(text: str) -> set[str]:
+    """Every app setting the README asks operators to set:
+
+    - each backticked name in the first cell of a row of the `## Settings` table (a name with a
+      placeholder, such as `OFFBOARD_PROTECTED_TAGS__<tenantId>`, is per tenant: skipped), and
+    - anywhere, a backticked name followed by the words "app setting", as in host.json's
+      "set the Python worker's `PYTHON_THREADPOOL_THREAD_COUNT` app setting to `32`".
+    """
+    names = set()
+    for line in readme_section(text, "Settings").splitlines():
+        if line.startswith("|") and not line.startswith("|---"):
+            first_cell = line.split("|")[1]
+            names |= set(re.findall(rf"`({_SETTING_NAME})`", first_cell))
+    names.discard("name")  # the header row
+    flowing = " ".join(text.split())
+    names |= set(re.findall(rf"`({_SETTING_NAME})` app settings?\b", flowing))
+    return names
+
+
+def every_setting_the_template_can_write() -> set[str]:
+    written: set[str] = set()
+    for cloud in PARAMETERS["defenderCloud"]["allowedValues"]:
+        for plan in PARAMETERS["hostingPlan"]["allowedValues"]:
+            written |= set(template_app_settings(defenderCloud=cloud, hostingPlan=plan))
+    return written
+
+
+def test_every_setting_the_readme_asks_for_is_set_by_the_template() -> None:
+    asked = settings_the_readme_asks_for(README)
+    # A renamed section or a reformatted table must fail here, not pass with nothing to check.
+    assert len(asked) >= 30 and {"OFFBOARD_QUEUE_NAME", "PYTHON_THREADPOOL_THREAD_COUNT"} <= asked
+    missing = asked - every_setting_the_template_can_write() - set(NOT_SET_BY_THE_TEMPLATE)
+    assert sorted(missing) == [], "the README asks for app settings the template never writes"
+    assert set(NOT_SET_BY_THE_TEMPLATE) <= asked, "an exception the README no longer mentions"
 
 
 def test_flex_consumption_gets_none_of_the_settings_it_refuses() -> None:
