@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from shared.settings import Settings
+from shared.settings import Settings, SettingsError
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE_PATH = ROOT / "infra" / "azuredeploy.json"
@@ -25,6 +25,12 @@ SAMPLE: dict[str, str] = json.loads((ROOT / "local.settings.sample.json").read_t
 PARAMETERS: dict[str, Any] = TEMPLATE["parameters"]
 VARIABLES: dict[str, Any] = TEMPLATE["variables"]
 INSIGHTS_CONNECTION = "<from the Application Insights resource>"
+# What reference() answers for the app's own identity and the user-assigned one.
+SYSTEM_PRINCIPAL = "00000000-0000-4000-8000-00000000a991"
+IDENTITY_PRINCIPAL = "00000000-0000-4000-8000-0000000011a1"
+IDENTITY_CLIENT = "00000000-0000-4000-8000-00000000c11e"
+CUSTOMER_TENANT = "72f988bf-0000-4000-8000-0000000000c1"
+MULTITENANT_APP = "3c1f0000-0000-4000-8000-0000000000a9"
 COMMERCIAL_DEFENDER_SCOPE = "https://api.securitycenter.microsoft.com/.default"
 # Per Defender cloud: the Graph host, AZURE_AUTHORITY_HOST (None: global sign-in, not set) and
 # the audience of the managed identity's assertion for workload identity federation.
@@ -58,6 +64,17 @@ def _wrap(value: Any) -> Any:
     return _Object({k: _wrap(v) for k, v in value.items()}) if isinstance(value, dict) else value
 
 
+def _reference(resource_id: str, *_: Any) -> _Object:
+    """reference(): the properties the template reads from the resources it creates."""
+    if "Microsoft.ManagedIdentity/userAssignedIdentities" in resource_id:
+        return _Object(principalId=IDENTITY_PRINCIPAL, clientId=IDENTITY_CLIENT)
+    if "Microsoft.Web/sites" in resource_id:
+        return _Object(
+            identity=_Object(principalId=SYSTEM_PRINCIPAL), defaultHostName="app.azurewebsites.net"
+        )
+    return _Object(ConnectionString=INSIGHTS_CONNECTION)
+
+
 def evaluate(value: Any, overrides: dict[str, Any] | None = None) -> Any:
     """Evaluates a template value the way ARM would, for the functions the app settings use."""
     given = overrides or {}
@@ -72,6 +89,10 @@ def evaluate(value: Any, overrides: dict[str, Any] | None = None) -> Any:
         "parameters": parameter,
         "variables": variable,
         "if_": lambda condition, then, otherwise: then if condition else otherwise,
+        "or_": lambda *values: any(values),
+        "and_": lambda *values: all(values),
+        "not_": lambda value: not value,
+        "empty": lambda value: value is None or len(value) == 0,
         "null": lambda: None,
         "min": min,
         "concat": lambda *parts: "".join(str(p) for p in parts),
@@ -81,7 +102,7 @@ def evaluate(value: Any, overrides: dict[str, Any] | None = None) -> Any:
         "uniqueString": lambda *_: "x7k2q9",
         "resourceGroup": lambda: SimpleNamespace(id="/subscriptions/0/resourceGroups/rg", location="eastus"),
         "resourceId": lambda *parts: "/".join(parts),
-        "reference": lambda *_: _Object(ConnectionString=INSIGHTS_CONNECTION),
+        "reference": _reference,
         "createObject": lambda *pairs: _Object(zip(pairs[::2], pairs[1::2], strict=True)),
         "union": lambda *objects: _Object(kv for obj in objects for kv in obj.items()),
         "items": lambda obj: [_Object(key=k, value=v) for k, v in sorted(obj.items())],
@@ -93,9 +114,9 @@ def evaluate(value: Any, overrides: dict[str, Any] | None = None) -> Any:
             return {k: run(v) for k, v in raw.items()}
         if not (isinstance(raw, str) and raw.startswith("[") and raw.endswith("]")):
             return raw
-        # ARM expressions are Python expressions once their functions are defined
-        # (`if` is a Python keyword, so it is renamed; an ARM lambda becomes a Python one).
-        expression = re.sub(r"\bif\(", "if_(", raw[1:-1])
+        # ARM expressions are Python expressions once their functions are defined (`if`, `or`,
+        # `and` and `not` are Python keywords, so they are renamed; an ARM lambda becomes a Python one).
+        expression = re.sub(r"\b(if|or|and|not)\(", r"\1_(", raw[1:-1])
         expression = re.sub(r"\blambda\('(\w+)', ", r"(lambda \1: ", expression)
         expression = re.sub(r"\blambdaVariables\('(\w+)'\)", r"\1", expression)
         return eval(expression, {"__builtins__": {}, **names})  # noqa: S307 - our own template, fixed names
@@ -294,7 +315,8 @@ def test_no_keys_or_secrets_anywhere() -> None:
 
 def test_function_app_is_locked_down() -> None:
     (site,) = resources("Microsoft.Web/sites")
-    assert site["kind"] == "functionapp,linux" and site["identity"] == {"type": "SystemAssigned"}
+    assert site["kind"] == "functionapp,linux"
+    assert evaluate(site["identity"]) == {"type": "SystemAssigned", "userAssignedIdentities": None}
     config = site["properties"]["siteConfig"]
     assert site["properties"]["httpsOnly"] is True
     assert config["ftpsState"] == "Disabled" and config["minTlsVersion"] == "1.2"
@@ -315,10 +337,101 @@ def test_storage_roles_are_granted_on_that_account_only() -> None:
     assert evaluate(storage[0]["scope"]) == "Microsoft.Storage/storageAccounts/offboardx7k2q9"
     for assignment in assignments:
         assert assignment["properties"]["principalType"] == "ServicePrincipal"
-        assert "identity.principalId" in assignment["properties"]["principalId"]
+        # Storage and telemetry stay with the system-assigned identity, whatever else is attached.
+        principal = assignment["properties"]["principalId"]
+        assert "identity.principalId" in principal and "userAssignedIdentities" not in principal
+        assert evaluate(principal, {"userAssignedIdentity": True}) == SYSTEM_PRINCIPAL
+
+
+def outputs(**overrides: Any) -> dict[str, Any]:
+    return {name: evaluate(output["value"], overrides) for name, output in TEMPLATE["outputs"].items()}
 
 
 def test_outputs_name_the_identity_and_the_host() -> None:
-    outputs = TEMPLATE["outputs"]
-    assert "identity.principalId" in outputs["principalId"]["value"]
-    assert "defaultHostName" in outputs["functionAppHostName"]["value"]
+    assert "defaultHostName" in TEMPLATE["outputs"]["functionAppHostName"]["value"]
+    plain = outputs()
+    assert plain["principalId"] == plain["apiPrincipalId"] == SYSTEM_PRINCIPAL
+    assert plain["userAssignedIdentityPrincipalId"] == plain["userAssignedIdentityClientId"] == ""
+    # With the user-assigned identity, that is the one to grant Defender and Graph roles to.
+    created = outputs(userAssignedIdentity=True)
+    assert created["principalId"] == SYSTEM_PRINCIPAL
+    assert created["apiPrincipalId"] == created["userAssignedIdentityPrincipalId"] == IDENTITY_PRINCIPAL
+    assert created["userAssignedIdentityClientId"] == IDENTITY_CLIENT
+
+
+def identity_resource() -> dict[str, Any]:
+    (identity,) = resources("Microsoft.ManagedIdentity/userAssignedIdentities")
+    return identity
+
+
+def test_no_user_assigned_identity_unless_asked() -> None:
+    assert evaluate(identity_resource()["condition"]) is False
+    deployed = template_app_settings()
+    assert deployed["MANAGED_IDENTITY_CLIENT_ID"] == ""
+    assert Settings.from_env(deployed).managed_identity_client_id is None
+    # An identity the operator attached by hand is still named through managedIdentityClientId.
+    assert (
+        template_app_settings(managedIdentityClientId="c0ffee00-0000-4000-8000-000000000001")[
+            "MANAGED_IDENTITY_CLIENT_ID"
+        ]
+        == "c0ffee00-0000-4000-8000-000000000001"
+    )
+
+
+@pytest.mark.parametrize("plan", PARAMETERS["hostingPlan"]["allowedValues"])
+def test_user_assigned_identity_is_created_attached_and_calls_defender_and_graph(plan: str) -> None:
+    given = {"userAssignedIdentity": True, "hostingPlan": plan}
+    identity = identity_resource()
+    assert evaluate(identity["condition"], given) is True
+    assert evaluate(identity["name"], given) == "offboard-x7k2q9-identity"
+    (site,) = resources("Microsoft.Web/sites")
+    identity_id = evaluate("[variables('identityId')]", given)
+    assert evaluate(site["identity"], given) == {
+        "type": "SystemAssigned, UserAssigned",
+        "userAssignedIdentities": {identity_id: {}},
+    }
+    assert "[variables('identityId')]" in site["dependsOn"]
+    deployed = template_app_settings(**given)
+    settings = Settings.from_env(deployed)
+    assert settings.managed_identity_client_id == IDENTITY_CLIENT
+    # Everything else keeps the system-assigned identity: storage, telemetry, the package.
+    assert settings.storage.client_id is None and "AzureWebJobsStorage__clientId" not in deployed
+    assert deployed["APPLICATIONINSIGHTS_AUTHENTICATION_STRING"] == "Authorization=AAD"
+    if plan == "Consumption":
+        assert deployed["WEBSITE_RUN_FROM_PACKAGE_BLOB_MI_RESOURCE_ID"] == "SystemAssigned"
+    else:
+        flex = evaluate(VARIABLES["flexAppConfig"], given)
+        assert flex["deployment"]["storage"]["authentication"] == {"type": "SystemAssignedIdentity"}
+    # A client id given by hand cannot point the app at another identity than the one attached.
+    mixed = template_app_settings(**given, managedIdentityClientId="c0ffee00-0000-4000-8000-000000000001")
+    assert mixed["MANAGED_IDENTITY_CLIENT_ID"] == IDENTITY_CLIENT
+
+
+@pytest.mark.parametrize("cloud", PARAMETERS["defenderCloud"]["allowedValues"])
+def test_customer_tenants_bring_their_identity_with_them(cloud: str) -> None:
+    # Customer tenants are reached as the multi-tenant app, whose credential is the user-assigned
+    # identity: listing tenants creates and attaches it even if userAssignedIdentity was forgotten.
+    given = {
+        "defenderCloud": cloud,
+        "tenants": f"{CUSTOMER_TENANT}=Contoso",
+        "multitenantAppClientId": MULTITENANT_APP,
+    }
+    assert evaluate(identity_resource()["condition"], given) is True
+    settings = Settings.from_env(template_app_settings(**given))
+    assert [(t.id, t.name) for t in settings.tenants] == [(CUSTOMER_TENANT, "Contoso")]
+    assert settings.multitenant_app_client_id == MULTITENANT_APP
+    assert settings.managed_identity_client_id == IDENTITY_CLIENT
+    assert settings.token_exchange_audience == GRAPH_AND_SIGN_IN[cloud][2]
+    assert outputs(**given)["apiPrincipalId"] == IDENTITY_PRINCIPAL
+
+
+def test_customer_tenants_without_the_multitenant_app_are_refused_by_name() -> None:
+    # The one half the template cannot supply: the app refuses to start, naming the setting,
+    # so every request answers 500 ServiceMisconfigured until multitenantAppClientId is given.
+    deployed = template_app_settings(tenants=CUSTOMER_TENANT)
+    assert deployed["MANAGED_IDENTITY_CLIENT_ID"] == IDENTITY_CLIENT
+    with pytest.raises(SettingsError) as refused:
+        Settings.from_env(deployed)
+    assert refused.value.problems == [
+        "MULTITENANT_APP_CLIENT_ID is required when OFFBOARD_TENANTS lists tenants"
+    ]
