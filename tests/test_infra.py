@@ -425,6 +425,26 @@ def test_customer_tenants_bring_their_identity_with_them(cloud: str) -> None:
     assert outputs(**given)["apiPrincipalId"] == IDENTITY_PRINCIPAL
 
 
+def test_additional_app_settings_survive_a_redeployment_and_win() -> None:
+    # A redeployment replaces every app setting: per-tenant protection and a changed token
+    # audience must come from the template too, or they vanish at the next deployment.
+    changed_scope = "https://api-gov.securitycenter.microsoft.us/api/.default"
+    extra = {
+        f"OFFBOARD_PROTECTED_TAGS__{CUSTOMER_TENANT}": "Crown-Jewels,VIP",
+        "DEFENDER_API_SCOPE": changed_scope,
+    }
+    deployed = template_app_settings(
+        defenderCloud="GCCHigh",
+        tenants=CUSTOMER_TENANT,
+        multitenantAppClientId=MULTITENANT_APP,
+        additionalAppSettings=extra,
+    )
+    settings = Settings.from_env(deployed)
+    assert settings.defender_scope == changed_scope
+    (tenant,) = settings.tenants
+    assert tenant.protected_tags == ("Crown-Jewels", "VIP")
+
+
 def test_customer_tenants_without_the_multitenant_app_are_refused_by_name() -> None:
     # The one half the template cannot supply: the app refuses to start, naming the setting,
     # so every request answers 500 ServiceMisconfigured until multitenantAppClientId is given.
