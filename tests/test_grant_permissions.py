@@ -4,16 +4,13 @@ every call and answers from a small tenant state, so the script's real logic run
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = ROOT / "infra" / "grant-permissions.sh"
+from tests.fakes.azcli import FakeAz, Run
+
 DEFENDER_APP_ID = "fc780465-2017-40d4-a0c5-307022471b92"
 DEFENDER_SP = "5b1f0000-0000-4000-8000-00000000d3f3"
 GRAPH_APP_ID = "00000003-0000-0000-c000-000000000000"
@@ -33,19 +30,6 @@ GRAPH_ROLES = {
     "User.Read.All": "22222222-0000-4000-8000-000000000004",
 }
 INTUNE_ROLES = ["DeviceManagementManagedDevices.Read.All", "DeviceManagementApps.Read.All"]
-
-
-@dataclass
-class Run:
-    code: int
-    out: str
-    err: str
-    calls: list[list[str]]
-
-    def posts(self) -> list[dict[str, Any]]:
-        return [
-            json.loads(c[c.index("--body") + 1]) for c in self.calls if c[:3] == ["rest", "--method", "POST"]
-        ]
 
 
 @pytest.fixture
@@ -75,20 +59,10 @@ def tenant(tmp_path: Path) -> dict[str, Any]:
 
 @pytest.fixture
 def grant(tmp_path: Path, tenant: dict[str, Any]) -> Any:
-    state, log = tmp_path / "tenant.json", tmp_path / "az-calls.jsonl"
-    state.write_text(json.dumps(tenant))
+    az = FakeAz(tmp_path, tenant)
 
     def run(*args: str) -> Run:
-        log.write_text("")
-        env = {
-            **os.environ,
-            "PATH": f"{ROOT / 'tests' / 'fakes'}{os.pathsep}{os.environ['PATH']}",
-            "FAKE_AZ_STATE": str(state),
-            "FAKE_AZ_LOG": str(log),
-        }
-        done = subprocess.run([str(SCRIPT), *args], env=env, capture_output=True, text=True, timeout=30)
-        calls = [json.loads(line) for line in log.read_text().splitlines()]
-        return Run(done.returncode, done.stdout, done.stderr, calls)
+        return az.run("grant-permissions.sh", *args)
 
     return run
 
