@@ -15,7 +15,7 @@
 # (Privileged Role Administrator or Global Administrator); for Azure Government run
 # `az cloud set --name AzureUSGovernment` first: Graph is found from the CLI's cloud.
 set -euo pipefail
-prog=grant-permissions
+prog="grant-permissions"
 # shellcheck source=infra/app-roles.sh
 . "$(dirname "${BASH_SOURCE[0]}")/app-roles.sh"
 

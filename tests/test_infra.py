@@ -140,8 +140,26 @@ def resources(kind: str) -> list[dict[str, Any]]:
 
 def test_template_is_an_arm_deployment_template() -> None:
     assert TEMPLATE["$schema"].endswith("/deploymentTemplate.json#")
-    example = json.loads((ROOT / "infra" / "azuredeploy.parameters.example.json").read_text())
+
+
+EXAMPLES = sorted((ROOT / "infra").glob("azuredeploy.parameters*.example.json"))
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
+def test_example_parameters_give_settings_the_app_accepts(path: Path) -> None:
+    example = json.loads(path.read_text())
+    assert example["$schema"].endswith("/deploymentParameters.json#")
     assert set(example["parameters"]) <= set(PARAMETERS), "the example sets parameters the template lacks"
+    given = {name: p["value"] for name, p in example["parameters"].items()}
+    Settings.from_env(template_app_settings(**given))
+
+
+def test_the_examples_are_found() -> None:
+    names = {p.name for p in EXAMPLES}
+    assert {
+        "azuredeploy.parameters.example.json",
+        "azuredeploy.parameters.many-tenants.example.json",
+    } <= names
 
 
 @pytest.mark.parametrize(("kind", "defined"), [("parameters", PARAMETERS), ("variables", VARIABLES)])
