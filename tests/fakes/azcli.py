@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,9 +65,12 @@ class FakeAz:
 
     def run(self, script: str, *args: str) -> Run:
         self.log_path.write_text("")
+        # The fake runs with `env python3`: this interpreter's directory next, so each of the
+        # dozen az calls a script makes starts Python directly rather than through a version shim.
+        path = os.pathsep.join([str(FAKES), str(Path(sys.executable).parent), os.environ["PATH"]])
         env = {
             **os.environ,
-            "PATH": f"{FAKES}{os.pathsep}{os.environ['PATH']}",
+            "PATH": path,
             "FAKE_AZ_STATE": str(self.state_path),
             "FAKE_AZ_LOG": str(self.log_path),
         }
