@@ -15,15 +15,37 @@ from typing import Any
 
 import pytest
 
-from shared.settings import Settings
+from shared.settings import Settings, SettingsError
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE_PATH = ROOT / "infra" / "azuredeploy.json"
+README = (ROOT / "README.md").read_text()
 TEMPLATE: dict[str, Any] = json.loads(TEMPLATE_PATH.read_text())
 SAMPLE: dict[str, str] = json.loads((ROOT / "local.settings.sample.json").read_text())["Values"]
 PARAMETERS: dict[str, Any] = TEMPLATE["parameters"]
 VARIABLES: dict[str, Any] = TEMPLATE["variables"]
 INSIGHTS_CONNECTION = "<from the Application Insights resource>"
+# What reference() answers for the app's own identity and the user-assigned one.
+SYSTEM_PRINCIPAL = "00000000-0000-4000-8000-00000000a991"
+IDENTITY_PRINCIPAL = "00000000-0000-4000-8000-0000000011a1"
+IDENTITY_CLIENT = "00000000-0000-4000-8000-00000000c11e"
+CUSTOMER_TENANT = "72f988bf-0000-4000-8000-0000000000c1"
+MULTITENANT_APP = "3c1f0000-0000-4000-8000-0000000000a9"
+COMMERCIAL_DEFENDER_SCOPE = "https://api.securitycenter.microsoft.com/.default"
+# Per Defender cloud: the Graph host, AZURE_AUTHORITY_HOST (None: global sign-in, not set) and
+# the audience of the managed identity's assertion for workload identity federation.
+_GLOBAL = ("graph.microsoft.com", None, "api://AzureADTokenExchange")
+GRAPH_AND_SIGN_IN = {
+    **dict.fromkeys(
+        ["Commercial", "CommercialUS", "CommercialEU", "CommercialUK", "CommercialAU", "GCC"], _GLOBAL
+    ),
+    **dict.fromkeys(
+        ["Security", "SecurityUS", "SecurityEU", "SecurityUK", "SecurityAU", "SecuritySWA", "SecurityINA"],
+        _GLOBAL,
+    ),
+    "GCCHigh": ("graph.microsoft.us", "https://login.microsoftonline.us", "api://AzureADTokenExchangeUSGov"),
+    "DoD": ("dod-graph.microsoft.us", "https://login.microsoftonline.us", "api://AzureADTokenExchangeUSGov"),
+}
 STORAGE_ROLES = {
     "b7e6dc6d-f1e8-4753-8033-0f276bb0955b",  # Storage Blob Data Owner: host leases, deployment package
     "974c5e8b-45b9-4653-ba55-5f855dd0fb88",  # Storage Queue Data Contributor: the work and poison queues
@@ -42,6 +64,17 @@ def _wrap(value: Any) -> Any:
     return _Object({k: _wrap(v) for k, v in value.items()}) if isinstance(value, dict) else value
 
 
+def _reference(resource_id: str, *_: Any) -> _Object:
+    """reference(): the properties the template reads from the resources it creates."""
+    if "Microsoft.ManagedIdentity/userAssignedIdentities" in resource_id:
+        return _Object(principalId=IDENTITY_PRINCIPAL, clientId=IDENTITY_CLIENT)
+    if "Microsoft.Web/sites" in resource_id:
+        return _Object(
+            identity=_Object(principalId=SYSTEM_PRINCIPAL), defaultHostName="app.azurewebsites.net"
+        )
+    return _Object(ConnectionString=INSIGHTS_CONNECTION)
+
+
 def evaluate(value: Any, overrides: dict[str, Any] | None = None) -> Any:
     """Evaluates a template value the way ARM would, for the functions the app settings use."""
     given = overrides or {}
@@ -56,6 +89,10 @@ def evaluate(value: Any, overrides: dict[str, Any] | None = None) -> Any:
         "parameters": parameter,
         "variables": variable,
         "if_": lambda condition, then, otherwise: then if condition else otherwise,
+        "or_": lambda *values: any(values),
+        "and_": lambda *values: all(values),
+        "not_": lambda value: not value,
+        "empty": lambda value: value is None or len(value) == 0,
         "null": lambda: None,
         "min": min,
         "concat": lambda *parts: "".join(str(p) for p in parts),
@@ -65,7 +102,7 @@ def evaluate(value: Any, overrides: dict[str, Any] | None = None) -> Any:
         "uniqueString": lambda *_: "x7k2q9",
         "resourceGroup": lambda: SimpleNamespace(id="/subscriptions/0/resourceGroups/rg", location="eastus"),
         "resourceId": lambda *parts: "/".join(parts),
-        "reference": lambda *_: _Object(ConnectionString=INSIGHTS_CONNECTION),
+        "reference": _reference,
         "createObject": lambda *pairs: _Object(zip(pairs[::2], pairs[1::2], strict=True)),
         "union": lambda *objects: _Object(kv for obj in objects for kv in obj.items()),
         "items": lambda obj: [_Object(key=k, value=v) for k, v in sorted(obj.items())],
@@ -77,9 +114,9 @@ def evaluate(value: Any, overrides: dict[str, Any] | None = None) -> Any:
             return {k: run(v) for k, v in raw.items()}
         if not (isinstance(raw, str) and raw.startswith("[") and raw.endswith("]")):
             return raw
-        # ARM expressions are Python expressions once their functions are defined
-        # (`if` is a Python keyword, so it is renamed; an ARM lambda becomes a Python one).
-        expression = re.sub(r"\bif\(", "if_(", raw[1:-1])
+        # ARM expressions are Python expressions once their functions are defined (`if`, `or`,
+        # `and` and `not` are Python keywords, so they are renamed; an ARM lambda becomes a Python one).
+        expression = re.sub(r"\b(if|or|and|not)\(", r"\1_(", raw[1:-1])
         expression = re.sub(r"\blambda\('(\w+)', ", r"(lambda \1: ", expression)
         expression = re.sub(r"\blambdaVariables\('(\w+)'\)", r"\1", expression)
         return eval(expression, {"__builtins__": {}, **names})  # noqa: S307 - our own template, fixed names
@@ -103,8 +140,26 @@ def resources(kind: str) -> list[dict[str, Any]]:
 
 def test_template_is_an_arm_deployment_template() -> None:
     assert TEMPLATE["$schema"].endswith("/deploymentTemplate.json#")
-    example = json.loads((ROOT / "infra" / "azuredeploy.parameters.example.json").read_text())
+
+
+EXAMPLES = sorted((ROOT / "infra").glob("azuredeploy.parameters*.example.json"))
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
+def test_example_parameters_give_settings_the_app_accepts(path: Path) -> None:
+    example = json.loads(path.read_text())
+    assert example["$schema"].endswith("/deploymentParameters.json#")
     assert set(example["parameters"]) <= set(PARAMETERS), "the example sets parameters the template lacks"
+    given = {name: p["value"] for name, p in example["parameters"].items()}
+    Settings.from_env(template_app_settings(**given))
+
+
+def test_the_examples_are_found() -> None:
+    names = {p.name for p in EXAMPLES}
+    assert {
+        "azuredeploy.parameters.example.json",
+        "azuredeploy.parameters.many-tenants.example.json",
+    } <= names
 
 
 @pytest.mark.parametrize(("kind", "defined"), [("parameters", PARAMETERS), ("variables", VARIABLES)])
@@ -127,6 +182,70 @@ def test_every_sample_setting_is_set_by_the_template() -> None:
             assert consumption[name] == SAMPLE[name]
         else:
             assert name in flex and name in consumption, f"{name} is not set by the template"
+
+
+# App settings the README names that the template deliberately does not write, and why.
+NOT_SET_BY_THE_TEMPLATE = {
+    "AzureWebJobsStorage": "the template uses the identity form (no connection string, no key)",
+    "AzureWebJobsStorage__accountName": "the template gives the service URIs, right in every cloud",
+    "AzureWebJobsStorage__clientId": "storage uses the system-assigned identity",
+}
+_SETTING_NAME = r"[A-Za-z][A-Za-z0-9_]*"
+
+
+def readme_section(text: str, heading: str) -> str:
+    """The body of the README section `## <heading>`, up to the next `## ` heading."""
+    match = re.search(rf"^## {re.escape(heading)}\n(.*?)(?=^## |\Z)", text, re.MULTILINE | re.DOTALL)
+    assert match, f"the README has no '## {heading}' section"
+    return match[1]
+
+
+def settings_the_readme_asks_for(text: str) -> set[str]:
+    """Every app setting the README asks operators to set:
+
+    - each backticked name in the first cell of a row of the `## Settings` table (a name with a
+      placeholder, such as `OFFBOARD_PROTECTED_TAGS__<tenantId>`, is per tenant: skipped), and
+    - anywhere, a backticked name followed by the words "app setting", as in host.json's
+      "set the Python worker's `PYTHON_THREADPOOL_THREAD_COUNT` app setting to `32`".
+    """
+    names = set()
+    for line in readme_section(text, "Settings").splitlines():
+        if line.startswith("|") and not line.startswith("|---"):
+            first_cell = line.split("|")[1]
+            names |= set(re.findall(rf"`({_SETTING_NAME})`", first_cell))
+    names.discard("name")  # the header row
+    flowing = " ".join(text.split())
+    names |= set(re.findall(rf"`({_SETTING_NAME})` app settings?\b", flowing))
+    return names
+
+
+def every_setting_the_template_can_write() -> set[str]:
+    written: set[str] = set()
+    for cloud in PARAMETERS["defenderCloud"]["allowedValues"]:
+        for plan in PARAMETERS["hostingPlan"]["allowedValues"]:
+            written |= set(template_app_settings(defenderCloud=cloud, hostingPlan=plan))
+    return written
+
+
+def test_every_setting_the_readme_asks_for_is_set_by_the_template() -> None:
+    asked = settings_the_readme_asks_for(README)
+    # A renamed section or a reformatted table must fail here, not pass with nothing to check.
+    assert len(asked) >= 30 and {"OFFBOARD_QUEUE_NAME", "PYTHON_THREADPOOL_THREAD_COUNT"} <= asked
+    missing = asked - every_setting_the_template_can_write() - set(NOT_SET_BY_THE_TEMPLATE)
+    assert sorted(missing) == [], "the README asks for app settings the template never writes"
+    assert set(NOT_SET_BY_THE_TEMPLATE) <= asked, "an exception the README no longer mentions"
+
+
+@pytest.mark.parametrize("enabled", [False, True])
+@pytest.mark.parametrize("plan", PARAMETERS["hostingPlan"]["allowedValues"])
+def test_the_watcher_schedule_is_always_written(enabled: bool, plan: str) -> None:
+    # The timer trigger reads %INTUNE_WATCH_SCHEDULE%: without the setting the host cannot index
+    # the app at all, so it is written with the watcher off too.
+    deployed = template_app_settings(intuneWatchEnabled=enabled, hostingPlan=plan)
+    assert deployed["INTUNE_WATCH_SCHEDULE"] == "0 */5 * * * *"
+    assert deployed["INTUNE_WATCH_ENABLED"] == ("true" if enabled else "false")
+    assert Settings.from_env(deployed).intune_watch_enabled is enabled
+    assert PARAMETERS["intuneWatchSchedule"]["minLength"] >= len("* * * * * *")
 
 
 def test_flex_consumption_gets_none_of_the_settings_it_refuses() -> None:
@@ -153,15 +272,36 @@ def test_every_cloud_and_plan_gives_settings_the_app_accepts(cloud: str, plan: s
     # The base URL and the token audience are chosen together, never one without the other.
     host = settings.defender_base_url.removeprefix("https://")
     if cloud.startswith("Commercial"):
-        assert settings.defender_scope == "https://api.securitycenter.microsoft.com/.default"
-        assert host.endswith(".securitycenter.microsoft.com")
+        assert settings.defender_scope == COMMERCIAL_DEFENDER_SCOPE
+        assert re.fullmatch(r"api(-(us|eu|uk|au))?\.securitycenter\.microsoft\.com", host)
+    elif cloud.startswith("Security"):
+        # The newer hosts take the same audience (Learn requests api.securitycenter's for them).
+        assert settings.defender_scope == COMMERCIAL_DEFENDER_SCOPE
+        assert re.fullmatch(r"((us|eu|uk|au|swa|ina)\.)?api\.security\.microsoft\.com", host)
     else:
+        # US Government: the audience is not documented; the template uses the API host itself.
         assert settings.defender_scope == f"https://{host}/.default"
         assert host.endswith(".securitycenter.microsoft.us")
 
 
+@pytest.mark.parametrize("cloud", PARAMETERS["defenderCloud"]["allowedValues"])
+def test_every_cloud_signs_in_and_reads_graph_in_its_own_cloud(cloud: str) -> None:
+    deployed = template_app_settings(defenderCloud=cloud)
+    settings = Settings.from_env(deployed)
+    graph, sign_in, audience = GRAPH_AND_SIGN_IN[cloud]
+    assert settings.graph_base_url == f"https://{graph}"
+    # The .default scope names the Graph root's own domain (Graph national cloud deployments).
+    assert settings.graph_scope == f"https://{graph}/.default"
+    assert settings.token_exchange_audience == audience
+    # azure-identity reads AZURE_AUTHORITY_HOST for the customer-tenant client assertion; an
+    # empty value would make it https:// and break sign-in, so global clouds do not set it.
+    assert deployed.get("AZURE_AUTHORITY_HOST") == sign_in
+
+
 def test_allowed_values_match_what_the_template_maps() -> None:
     assert set(PARAMETERS["defenderCloud"]["allowedValues"]) == set(VARIABLES["defenderClouds"])
+    assert set(PARAMETERS["defenderCloud"]["allowedValues"]) == set(GRAPH_AND_SIGN_IN)
+    assert {c["entraCloud"] for c in VARIABLES["defenderClouds"].values()} == set(VARIABLES["entraClouds"])
     assert PARAMETERS["hostingPlan"]["allowedValues"] == ["FlexConsumption", "Consumption"]
 
 
@@ -175,6 +315,7 @@ def test_allowed_values_match_what_the_template_maps() -> None:
         ("connectTimeoutSeconds", "DEFENDER_CONNECT_TIMEOUT_SECONDS"),
         ("readTimeoutSeconds", "DEFENDER_READ_TIMEOUT_SECONDS"),
         ("queueName", "OFFBOARD_QUEUE_NAME"),
+        ("operatorRole", "OFFBOARD_OPERATOR_ROLE"),
     ],
 )
 def test_parameter_bounds_are_values_the_app_accepts(parameter: str, setting: str) -> None:
@@ -205,7 +346,8 @@ def test_no_keys_or_secrets_anywhere() -> None:
 
 def test_function_app_is_locked_down() -> None:
     (site,) = resources("Microsoft.Web/sites")
-    assert site["kind"] == "functionapp,linux" and site["identity"] == {"type": "SystemAssigned"}
+    assert site["kind"] == "functionapp,linux"
+    assert evaluate(site["identity"]) == {"type": "SystemAssigned", "userAssignedIdentities": None}
     config = site["properties"]["siteConfig"]
     assert site["properties"]["httpsOnly"] is True
     assert config["ftpsState"] == "Disabled" and config["minTlsVersion"] == "1.2"
@@ -226,10 +368,120 @@ def test_storage_roles_are_granted_on_that_account_only() -> None:
     assert evaluate(storage[0]["scope"]) == "Microsoft.Storage/storageAccounts/offboardx7k2q9"
     for assignment in assignments:
         assert assignment["properties"]["principalType"] == "ServicePrincipal"
-        assert "identity.principalId" in assignment["properties"]["principalId"]
+        # Storage and telemetry stay with the system-assigned identity, whatever else is attached.
+        principal = assignment["properties"]["principalId"]
+        assert "identity.principalId" in principal and "userAssignedIdentities" not in principal
+        assert evaluate(principal, {"userAssignedIdentity": True}) == SYSTEM_PRINCIPAL
+
+
+def outputs(**overrides: Any) -> dict[str, Any]:
+    return {name: evaluate(output["value"], overrides) for name, output in TEMPLATE["outputs"].items()}
 
 
 def test_outputs_name_the_identity_and_the_host() -> None:
-    outputs = TEMPLATE["outputs"]
-    assert "identity.principalId" in outputs["principalId"]["value"]
-    assert "defaultHostName" in outputs["functionAppHostName"]["value"]
+    assert "defaultHostName" in TEMPLATE["outputs"]["functionAppHostName"]["value"]
+    plain = outputs()
+    assert plain["principalId"] == plain["apiPrincipalId"] == SYSTEM_PRINCIPAL
+    assert plain["userAssignedIdentityPrincipalId"] == plain["userAssignedIdentityClientId"] == ""
+    # With the user-assigned identity, that is the one to grant Defender and Graph roles to.
+    created = outputs(userAssignedIdentity=True)
+    assert created["principalId"] == SYSTEM_PRINCIPAL
+    assert created["apiPrincipalId"] == created["userAssignedIdentityPrincipalId"] == IDENTITY_PRINCIPAL
+    assert created["userAssignedIdentityClientId"] == IDENTITY_CLIENT
+
+
+def identity_resource() -> dict[str, Any]:
+    (identity,) = resources("Microsoft.ManagedIdentity/userAssignedIdentities")
+    return identity
+
+
+def test_no_user_assigned_identity_unless_asked() -> None:
+    assert evaluate(identity_resource()["condition"]) is False
+    deployed = template_app_settings()
+    assert deployed["MANAGED_IDENTITY_CLIENT_ID"] == ""
+    assert Settings.from_env(deployed).managed_identity_client_id is None
+    # An identity the operator attached by hand is still named through managedIdentityClientId.
+    assert (
+        template_app_settings(managedIdentityClientId="c0ffee00-0000-4000-8000-000000000001")[
+            "MANAGED_IDENTITY_CLIENT_ID"
+        ]
+        == "c0ffee00-0000-4000-8000-000000000001"
+    )
+
+
+@pytest.mark.parametrize("plan", PARAMETERS["hostingPlan"]["allowedValues"])
+def test_user_assigned_identity_is_created_attached_and_calls_defender_and_graph(plan: str) -> None:
+    given = {"userAssignedIdentity": True, "hostingPlan": plan}
+    identity = identity_resource()
+    assert evaluate(identity["condition"], given) is True
+    assert evaluate(identity["name"], given) == "offboard-x7k2q9-identity"
+    (site,) = resources("Microsoft.Web/sites")
+    identity_id = evaluate("[variables('identityId')]", given)
+    assert evaluate(site["identity"], given) == {
+        "type": "SystemAssigned, UserAssigned",
+        "userAssignedIdentities": {identity_id: {}},
+    }
+    assert "[variables('identityId')]" in site["dependsOn"]
+    deployed = template_app_settings(**given)
+    settings = Settings.from_env(deployed)
+    assert settings.managed_identity_client_id == IDENTITY_CLIENT
+    # Everything else keeps the system-assigned identity: storage, telemetry, the package.
+    assert settings.storage.client_id is None and "AzureWebJobsStorage__clientId" not in deployed
+    assert deployed["APPLICATIONINSIGHTS_AUTHENTICATION_STRING"] == "Authorization=AAD"
+    if plan == "Consumption":
+        assert deployed["WEBSITE_RUN_FROM_PACKAGE_BLOB_MI_RESOURCE_ID"] == "SystemAssigned"
+    else:
+        flex = evaluate(VARIABLES["flexAppConfig"], given)
+        assert flex["deployment"]["storage"]["authentication"] == {"type": "SystemAssignedIdentity"}
+    # A client id given by hand cannot point the app at another identity than the one attached.
+    mixed = template_app_settings(**given, managedIdentityClientId="c0ffee00-0000-4000-8000-000000000001")
+    assert mixed["MANAGED_IDENTITY_CLIENT_ID"] == IDENTITY_CLIENT
+
+
+@pytest.mark.parametrize("cloud", PARAMETERS["defenderCloud"]["allowedValues"])
+def test_customer_tenants_bring_their_identity_with_them(cloud: str) -> None:
+    # Customer tenants are reached as the multi-tenant app, whose credential is the user-assigned
+    # identity: listing tenants creates and attaches it even if userAssignedIdentity was forgotten.
+    given = {
+        "defenderCloud": cloud,
+        "tenants": f"{CUSTOMER_TENANT}=Contoso",
+        "multitenantAppClientId": MULTITENANT_APP,
+    }
+    assert evaluate(identity_resource()["condition"], given) is True
+    settings = Settings.from_env(template_app_settings(**given))
+    assert [(t.id, t.name) for t in settings.tenants] == [(CUSTOMER_TENANT, "Contoso")]
+    assert settings.multitenant_app_client_id == MULTITENANT_APP
+    assert settings.managed_identity_client_id == IDENTITY_CLIENT
+    assert settings.token_exchange_audience == GRAPH_AND_SIGN_IN[cloud][2]
+    assert outputs(**given)["apiPrincipalId"] == IDENTITY_PRINCIPAL
+
+
+def test_additional_app_settings_survive_a_redeployment_and_win() -> None:
+    # A redeployment replaces every app setting: per-tenant protection and a changed token
+    # audience must come from the template too, or they vanish at the next deployment.
+    changed_scope = "https://api-gov.securitycenter.microsoft.us/api/.default"
+    extra = {
+        f"OFFBOARD_PROTECTED_TAGS__{CUSTOMER_TENANT}": "Crown-Jewels,VIP",
+        "DEFENDER_API_SCOPE": changed_scope,
+    }
+    deployed = template_app_settings(
+        defenderCloud="GCCHigh",
+        tenants=CUSTOMER_TENANT,
+        multitenantAppClientId=MULTITENANT_APP,
+        additionalAppSettings=extra,
+    )
+    settings = Settings.from_env(deployed)
+    assert settings.defender_scope == changed_scope
+    (tenant,) = settings.tenants
+    assert tenant.protected_tags == ("Crown-Jewels", "VIP")
+
+
+def test_customer_tenants_without_the_multitenant_app_are_refused_by_name() -> None:
+    # The one half the template cannot supply: the app refuses to start, naming the setting,
+    # so every request answers 500 ServiceMisconfigured until multitenantAppClientId is given.
+    deployed = template_app_settings(tenants=CUSTOMER_TENANT)
+    assert deployed["MANAGED_IDENTITY_CLIENT_ID"] == IDENTITY_CLIENT
+    with pytest.raises(SettingsError) as refused:
+        Settings.from_env(deployed)
+    (problem,) = refused.value.problems
+    assert "MULTITENANT_APP_CLIENT_ID" in problem and "MANAGED_IDENTITY_CLIENT_ID" not in problem
