@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -359,14 +360,26 @@ def main(argv: list[str] | None = None) -> None:
         os.environ["OFFBOARD_PUBLIC_BASE_URL"] = f"http://127.0.0.1:{port}"
     if not args.no_queues:
         host.run_queues()
+    def stats() -> dict[str, Any]:
+        from shared.adapters.transport import storage_requests
+
+        return {
+            "invocations": host.invocations,
+            "invocation_cpu_seconds": host.invocation_cpu_seconds,
+            # The app's own storage requests (its shared transport); the host's queue
+            # polling, receives and deletes are its own and not counted, as on Azure.
+            "storage_requests": storage_requests(),
+        }
+
+    # SIGUSR1: print the counters so far (the benchmark reads them between phases).
+    signal.signal(signal.SIGUSR1, lambda *_: print(json.dumps({"snapshot": True, **stats()}), flush=True))
     # One JSON line on stdout tells a parent process (tests, demo, benchmark) we are ready.
     print(json.dumps({"ready": True, "port": port}), flush=True)
     try:
         threading.Event().wait()
     except KeyboardInterrupt:
         host.stop()
-        stats = {"invocations": host.invocations, "invocation_cpu_seconds": host.invocation_cpu_seconds}
-        print(json.dumps({"stopped": True, **stats}), flush=True)
+        print(json.dumps({"stopped": True, **stats()}), flush=True)
 
 
 if __name__ == "__main__":
