@@ -38,13 +38,13 @@ import threading
 import time
 import uuid
 from collections import defaultdict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, cast
 from urllib.parse import parse_qs, urlsplit
 
-from .fleet import FLEET
+from .fleet import FLEET as FLEET  # re-exported: the machines every simulator starts with
 from .loopback import LoopbackServer, QuietHandler
 
 _OFFBOARD = re.compile(r"/api/machines/([^/]+)/offboard")
@@ -142,7 +142,7 @@ class DefenderSimulator(LoopbackServer):
         port: int = 0,
         accept_token: Callable[[str], bool] | None = None,
         *,
-        rate_limits: dict[str, tuple[tuple[int, float], ...]] | None = None,
+        rate_limits: Mapping[str, tuple[tuple[int, float], ...]] | None = None,
         time_scale: float = 1.0,
         accept_any: bool = False,
         tenant_of: Callable[[str], str | None] | None = None,
