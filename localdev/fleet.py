@@ -108,7 +108,7 @@ FLEET: tuple[FleetMachine, ...] = (
         14393,
         12,
         "Servers",
-        "Windows Server 2016 on the legacy agent: the precheck lets it through, Defender refuses it",
+        "Server 2016 on the legacy agent: passes the precheck, Defender refuses it",
         refusal="The device runs the legacy Microsoft Monitoring Agent; offboarding needs the unified agent",
     ),
     FleetMachine(
@@ -120,7 +120,7 @@ FLEET: tuple[FleetMachine, ...] = (
         None,
         13,
         "macOS",
-        "macOS 14: offboarded (macOS 14 and later are supported)",
+        "macOS 14: offboarded",
     ),
     FleetMachine(
         "c5e7f2528af415462bf25c54a323ecb03b1b2e2b",
@@ -131,7 +131,7 @@ FLEET: tuple[FleetMachine, ...] = (
         None,
         13,
         "macOS",
-        "macOS 13: refused by the precheck (OsPlatformNotSupported), and by Defender without it",
+        "macOS 13: refused, OsPlatformNotSupported (by Defender too)",
         refusal="macOS 13 is not supported by the offboard API; macOS 14 and later are",
     ),
     FleetMachine(
@@ -154,7 +154,7 @@ FLEET: tuple[FleetMachine, ...] = (
         20348,
         1,
         "Tier 0",
-        "a domain controller tagged Tier0: refused (ProtectedDevice) when OFFBOARD_PROTECTED_TAGS has Tier0",
+        "domain controller tagged Tier0: refused, ProtectedDevice, when Tier0 is protected",
         machine_tags=("Tier0",),
     ),
     FleetMachine(
@@ -166,7 +166,7 @@ FLEET: tuple[FleetMachine, ...] = (
         22621,
         11,
         "Workstations",
-        f"{SHARED_NAME} before it was re-imaged (inactive): a lookup by name is AmbiguousDevice",
+        "re-imaged PC, old record (inactive): by name, AmbiguousDevice",
         health_status="Inactive",
         last_seen_days_ago=41,
     ),
@@ -179,7 +179,7 @@ FLEET: tuple[FleetMachine, ...] = (
         22631,
         11,
         "Workstations",
-        f"{SHARED_NAME} after it was re-imaged: offboard it by this id",
+        "re-imaged PC, new record: offboard it by this id",
     ),
 )
 
