@@ -54,16 +54,22 @@ TARGETS = {
 
 
 def cold_import_ms(env: dict[str, str], preload: str = "", repeats: int = 5) -> float:
-    code = f"{preload}import time; t = time.perf_counter(); import function_app; print(time.perf_counter() - t)"
+    code = (
+        f"{preload}import time; t = time.perf_counter(); import function_app; print(time.perf_counter() - t)"
+    )
     runs = [
-        float(subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, check=True, capture_output=True).stdout)
+        float(
+            subprocess.run(
+                [sys.executable, "-c", code], cwd=ROOT, env=env, check=True, capture_output=True
+            ).stdout
+        )
         for _ in range(repeats)
     ]
     return round(statistics.median(runs) * 1000, 1)
 
 
 def run(count: int, azurite: Azurite, identity: IdentityEndpoint) -> dict[str, Any]:
-    with DefenderSimulator(accept_token=lambda token: token in identity.tokens) as defender:
+    with DefenderSimulator(accept_token=lambda token: token in identity.tokens, accept_any=True) as defender:
         name = f"rt{uuid.uuid4().hex[:10]}"
         env = {
             **os.environ,
@@ -90,7 +96,12 @@ def run(count: int, azurite: Azurite, identity: IdentityEndpoint) -> dict[str, A
         try:
             for _ in range(count):
                 begin = time.perf_counter()
-                answer = session.post(f"{base}/api/offboard", json={"machineId": secrets.token_hex(20)}, headers=headers, timeout=30)
+                answer = session.post(
+                    f"{base}/api/offboard",
+                    json={"machineId": secrets.token_hex(20)},
+                    headers=headers,
+                    timeout=30,
+                )
                 latencies.append(time.perf_counter() - begin)
                 if answer.status_code != 202:
                     raise RuntimeError(f"intake answered {answer.status_code}: {answer.text[:200]}")
@@ -113,10 +124,13 @@ def run(count: int, azurite: Azurite, identity: IdentityEndpoint) -> dict[str, A
         "requests": count,
         "intake_storage_per_request": round(intake_stats.get("storage_requests", 0) / count, 2),
         "worker_storage_first_delivery": round(delivered / count, 2),
-        "worker_storage_per_check": round((final_stats.get("storage_requests", 0) - delivered) / max(1, checks), 2),
+        "worker_storage_per_check": round(
+            (final_stats.get("storage_requests", 0) - delivered) / max(1, checks), 2
+        ),
         "checks": checks,
         "worker_cpu_ms_per_message": round(
-            final_stats.get("invocation_cpu_seconds", 0.0) * 1000 / max(1, final_stats.get("invocations", 1)), 3
+            final_stats.get("invocation_cpu_seconds", 0.0) * 1000 / max(1, final_stats.get("invocations", 1)),
+            3,
         ),
         "intake_cpu_ms_per_request": round(intake_stats.get("http_cpu_seconds", 0.0) * 1000 / count, 3)
         if "http_cpu_seconds" in intake_stats
@@ -129,7 +143,9 @@ def run(count: int, azurite: Azurite, identity: IdentityEndpoint) -> dict[str, A
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--requests", type=int, default=50, help="requests, sent one at a time")
     args = parser.parse_args(argv)
     with Azurite() as azurite, IdentityEndpoint() as identity:
@@ -146,7 +162,11 @@ def table(result: dict[str, Any]) -> str:
     rows = [
         ("requests, one at a time", "requests", None),
         ("intake: storage requests per request", "intake_storage_per_request", "intake_storage_per_request"),
-        ("worker: storage requests, first delivery", "worker_storage_first_delivery", "worker_storage_first_delivery"),
+        (
+            "worker: storage requests, first delivery",
+            "worker_storage_first_delivery",
+            "worker_storage_first_delivery",
+        ),
         ("worker: storage requests per check", "worker_storage_per_check", "worker_storage_per_check"),
         ("  status checks made", "checks", None),
         ("worker CPU per message, ms", "worker_cpu_ms_per_message", "worker_cpu_ms_per_message"),
