@@ -14,7 +14,7 @@ Figures (per request unless said otherwise):
   is Submitted / N;
 - worker storage requests per follow-up check: what the checks added / the checks made (the
   simulator's actions move Pending -> InProgress -> Succeeded, so every check finds a change:
-  the dearest case); the first check is due 15 s after its offboard, so the first deliveries
+  the dearest case); the first check is due 45 s after its offboard, so the first deliveries
   are counted before any check runs;
 - worker CPU per message: the function threads' CPU / the messages they handled;
 - HTTP intake latency p50 and p99 (each POST on its own, a warm connection);
@@ -83,7 +83,7 @@ def run(count: int, azurite: Azurite, identity: IdentityEndpoint) -> dict[str, A
             "OFFBOARD_AUDIT_TABLE_NAME": f"{name}audit",
             "OFFBOARD_BREAKER_LIMIT": str(max(25, count)),
             # The first check comes after every first delivery is counted; the rest follow fast.
-            "OFFBOARD_CHECK_INITIAL_SECONDS": "15",
+            "OFFBOARD_CHECK_INITIAL_SECONDS": "45",
             "OFFBOARD_CHECK_MAX_SECONDS": "1",
         }
         intake = Host.start(env, "--no-queues")
