@@ -218,7 +218,7 @@ def test_a_key_answered_by_an_older_version_is_replayed(intake) -> None:
 
 
 def test_keys_are_scoped_to_the_principal(intake) -> None:
-    m, submissions = intake()
+    _m, submissions = intake()
     alice = Caller("principal:alice", principal="a1", scoped=True)
     bob = Caller("principal:bob", principal="b2", scoped=True)
     first = submit(submissions, OffboardRequest(MACHINE, "c"), key="run-1", caller=alice)
