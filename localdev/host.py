@@ -182,12 +182,12 @@ class LocalHost:
             return self._admin(method, path, headers, params, body)
         if not path.startswith("/api/"):
             return _error(404, "NotFound", "no such route")
-        for route in self.routes:
-            match = route.pattern.match(path.removeprefix("/api/"))
-            if not match:
-                continue
-            if route.methods and method not in route.methods:
-                return _error(405, "MethodNotAllowed", f"{method} is not allowed here")
+        matching = [(r, m) for r in self.routes if (m := r.pattern.match(path.removeprefix("/api/")))]
+        # Several functions may share a route with different methods (GET and POST /offboard).
+        allowed = [(r, m) for r, m in matching if not r.methods or method in r.methods]
+        if matching and not allowed:
+            return _error(405, "MethodNotAllowed", f"{method} is not allowed here")
+        for route, match in allowed[:1]:
             if not _authorised(route.auth_level, headers, params):
                 return func.HttpResponse(status_code=401)
             request = func.HttpRequest(
