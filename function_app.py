@@ -204,7 +204,7 @@ def reconcile(timer: func.TimerRequest) -> None:
     from shared.intake.reconcile import reconcile as run
 
     services = _services()
-    run(services.store, services.queue)
+    run(services.store, services.queue, services.guards.lease)
 
 
 def _query(params: dict[str, str]) -> str:

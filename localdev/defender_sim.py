@@ -148,6 +148,9 @@ class DefenderSimulator(LoopbackServer):
         tenant_of: Callable[[str], str | None] | None = None,
     ) -> None:
         self.calls: list[Call] = []
+        # Seconds to hold each accepted offboard's answer (the action is created at once): a
+        # caller killed meanwhile has reached Defender without knowing it.
+        self.offboard_delay_seconds = 0.0
         self.throttled: list[Call] = []  # calls answered 429 by the rate limits
         self.accept_token = accept_token or (lambda token: bool(token))
         self.accept_any = accept_any
@@ -480,7 +483,9 @@ class _Handler(QuietHandler):
                     400, "ActiveRequestAlreadyExists", f"an offboard of {machine_id} is already pending"
                 )
             )
-        self._reply(Reply(201, sim.new_action(machine_id, comment)))
+        created = sim.new_action(machine_id, comment)
+        # The action exists from here on, whether or not the caller lives to read the answer.
+        self._reply(Reply(201, created, delay_seconds=sim.offboard_delay_seconds))
 
     def do_GET(self) -> None:  # noqa: N802 - http.server naming
         sim = cast(DefenderSimulator, self.server.owner)  # type: ignore[attr-defined]

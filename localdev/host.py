@@ -156,6 +156,7 @@ class LocalHost:
         # Queue invocations and the CPU their threads used (sleeping costs none), which the
         # benchmark reads when the host stops.
         self.invocations = 0
+        self.message_lease = 0  # seconds; 0: functionTimeout
         self.invocation_cpu_seconds = 0.0
         self._stats_lock = threading.Lock()
         self._stop = threading.Event()
@@ -280,8 +281,9 @@ class LocalHost:
                         queue.receive_messages(
                             max_messages=min(32, opts.batch_size),
                             # The host renews its lease while a function runs; a lock as
-                            # long as functionTimeout is the same thing for a local host.
-                            visibility_timeout=int(opts.function_timeout),
+                            # long as functionTimeout is the same thing for a local host
+                            # (--message-lease shortens it, for tests that kill a host).
+                            visibility_timeout=int(self.message_lease or opts.function_timeout),
                         )
                     )
                 except Exception:
@@ -418,6 +420,13 @@ def main(argv: list[str] | None = None) -> None:
         help="run no schedules (timer functions still run on demand: POST /admin/functions/{name})",
     )
     parser.add_argument(
+        "--message-lease",
+        type=int,
+        default=0,
+        help="seconds a received message stays invisible (default: functionTimeout); a host killed "
+        "mid-function gives its messages back after this long",
+    )
+    parser.add_argument(
         "--app",
         default="function_app:app",
         help="MODULE:ATTRIBUTE of the FunctionApp to host (default function_app:app)",
@@ -432,6 +441,7 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         host = LocalHost(app, QueueOptions.from_host_json(), os.environ.get("AzureWebJobsStorage", ""))
+        host.message_lease = args.message_lease
     except HostConfigError as exc:
         log.error("%s", exc)
         sys.exit(1)

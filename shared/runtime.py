@@ -67,7 +67,7 @@ class Services:
         s = self.settings
         self.store = RequestStore(self.state, self.audit)
         self.rejections = Rejections(self.audit)
-        self.guards = Guards(self.state)
+        self.guards = Guards(self.state, s.accept_lease_seconds)
         # One breaker and one limiter per process: each keeps its rows in memory between calls.
         self.breaker = BlastRadiusBreaker(self.state, s.breaker_limit, s.breaker_window_seconds)
         self.limiter = RateLimiter(self.budgets, s.rate_limits, margin=s.rate_limit_margin_seconds)

@@ -99,6 +99,7 @@ class Settings:
     action_read_rate_limits: tuple[RateWindow, ...] = (RateWindow(100, 60.0), RateWindow(1500, 3600.0))
     rate_limit_margin_seconds: float = 1.0
     rate_limit_max_inline_wait_seconds: float = 5.0
+    accept_lease_seconds: float = 30.0
     tag_rate_limits: tuple[RateWindow, ...] = (RateWindow(100, 60.0), RateWindow(1500, 3600.0))
     # Operators and callers (issue: the operator side).
     approval: str = "breaker"  # "breaker": hold only past the breaker; "always": every request is held
@@ -215,6 +216,8 @@ class Settings:
                 "RATE_LIMIT_MAX_INLINE_WAIT_SECONDS", "5", _bounded_float(0, 60)
             ),
             "tag_rate_limits": read("DEFENDER_TAG_RATE_LIMITS", DEFAULT_RATE_LIMITS, _rate_limits),
+            # A guard older than this whose request was never written belongs to a dead acceptor.
+            "accept_lease_seconds": read("OFFBOARD_ACCEPT_LEASE_SECONDS", "30", _bounded_float(2, 600)),
             "approval": read("OFFBOARD_APPROVAL", "breaker", _choice("breaker", "always")),
             "hold_notify_url": read("OFFBOARD_HOLD_NOTIFY_URL", _EMPTY, _optional(_webhook_url)),
             "cancel": read("OFFBOARD_CANCEL", "any", _choice("any", "admin")),

@@ -166,7 +166,7 @@ def test_a_stranded_queued_row_gets_its_message_from_a_retry_or_the_reconciler(i
     m.work.sent.clear()
     record = m.services.store.get(record.request_id)
     assert record is not None
-    assert reconcile(m.services.store, m.services.queue, now + 3 * ACCEPT_LEASE) == 1
+    assert reconcile(m.services.store, m.services.queue, ACCEPT_LEASE, now + 3 * ACCEPT_LEASE) == 1
     assert len(m.work.sent) == 1
 
 

@@ -8,7 +8,8 @@
 Each is taken *before* the request is written, by one conditional insert, and records when
 and by which acceptance attempt it was taken. The process accepting may die at any line
 after that. So a later request that finds a guard naming a request that has no row, older
-than `ACCEPT_LEASE` (seconds: acceptance is a handful of storage calls), takes it over: it
+than the acceptance lease (OFFBOARD_ACCEPT_LEASE_SECONDS, 30 s by default: acceptance is a
+handful of storage calls), takes it over: it
 first voids that request id (`RequestStore.void`, a conditional insert: a slow acceptor can
 then never write it), then moves the guard with its ETag, so two takers cannot both win.
 A guard whose request exists and is unfinished is kept; its request heals itself if it was
@@ -28,7 +29,7 @@ from typing import Any, Literal
 from .entities import Entities, EntityChanged, EntityConflict, Stored
 
 # How long an acceptor may take between taking a guard and writing its request row.
-ACCEPT_LEASE = 30.0
+ACCEPT_LEASE = 30.0  # the default of OFFBOARD_ACCEPT_LEASE_SECONDS
 
 
 @dataclass(frozen=True)
@@ -46,8 +47,8 @@ class Guard:
     # A key whose first use found the device's existing request names that one instead.
     pointed: bool = False
 
-    def expired(self, now: float) -> bool:
-        return now - self.taken_at > ACCEPT_LEASE
+    def expired(self, now: float, lease: float = ACCEPT_LEASE) -> bool:
+        return now - self.taken_at > lease
 
 
 @dataclass(frozen=True)
@@ -83,8 +84,11 @@ def key_key(scope: str, key: str) -> tuple[str, str]:
 
 
 class Guards:
-    def __init__(self, entities: Entities, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, entities: Entities, lease: float = ACCEPT_LEASE, clock: Callable[[], float] = time.time
+    ) -> None:
         self._entities = entities
+        self.lease = lease
         self._now = clock
 
     def take(

@@ -202,17 +202,13 @@ class RequestStore:
 
     def void(self, request_id: str) -> bool:
         """Claims a request id whose acceptor died before writing its row, so that a slow
-        acceptor can never write it later. False if the row exists after all."""
-        entity = {
-            "PartitionKey": partition_of(request_id),
-            "RowKey": _row_of(request_id),
-            "kind": "void",
-            "voidedAt": utc_now_iso(),
-        }
+        acceptor can never write it later. False if the request's row exists after all."""
+        where = {"PartitionKey": partition_of(request_id), "RowKey": _row_of(request_id)}
         try:
-            self._entities.insert(entity)
+            self._entities.insert({**where, "kind": "void", "voidedAt": utc_now_iso()})
         except EntityConflict:
-            return False
+            found = self._entities.get(where["PartitionKey"], where["RowKey"])
+            return found is not None and found.get("kind") == "void"  # voided before: still void
         return True
 
     # ---- changing -----------------------------------------------------------------------

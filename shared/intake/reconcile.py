@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import time
 
-from ..adapters.guards import ACCEPT_LEASE
 from ..adapters.queues import WorkQueue
 from ..adapters.request_store import RequestStore
 from ..domain.statuses import Status
@@ -26,14 +25,14 @@ log = logging.getLogger(__name__)
 WINDOW_SECONDS = 3600.0
 
 
-def reconcile(store: RequestStore, queue: WorkQueue, now: float | None = None) -> int:
+def reconcile(store: RequestStore, queue: WorkQueue, lease: float, now: float | None = None) -> int:
     """Heals the stranded requests of the last hour; how many it sent a message for."""
     now = time.time() if now is None else now
     healed = 0
     for record in store.created_between(
-        now - ACCEPT_LEASE, now - WINDOW_SECONDS, {"status": str(Status.QUEUED), "attempt": 1}
+        now - lease, now - WINDOW_SECONDS, {"status": str(Status.QUEUED), "attempt": 1}
     ):
-        if heal(store, queue, record, now):
+        if heal(store, queue, record, now, lease):
             healed += 1
     if healed:
         log.warning("Reconciler: %d request(s) had no message and were sent one", healed)

@@ -32,7 +32,7 @@ from typing import Any
 from azure.core.exceptions import AzureError
 
 from ..adapters.breaker import BlastRadiusBreaker
-from ..adapters.guards import ACCEPT_LEASE, Guard, Guards, Held, key_key, machine_key
+from ..adapters.guards import Guard, Guards, Held, key_key, machine_key
 from ..adapters.queues import WorkQueue
 from ..adapters.request_store import BatchItems, NewRequest, RequestStore, StaleRecord
 from ..domain import audit, ids
@@ -175,11 +175,11 @@ class Submissions:
             if record is not None:
                 self._heal(record)
                 return self._replay(record, found)
-            if not found.expired(self.clock()):
+            if not found.expired(self.clock(), self.guards.lease):
                 raise RequestConflict(
                     "IdempotentRequestInProgress",
                     "the first request with this idempotency key is still being accepted; ask again "
-                    f"in {ACCEPT_LEASE:g} seconds",
+                    f"in {self.guards.lease:g} seconds",
                 )
             if self._void(found):
                 etag = self.guards.take_over(where, found, taking.request_id, attempt, fingerprint)
@@ -201,7 +201,7 @@ class Submissions:
             record = self.store.get(found.request_id) if found.request_id else None
             if record is not None and not record.final:
                 return self._existing(record, request, caller)
-            if record is None and not found.expired(self.clock()):
+            if record is None and not found.expired(self.clock(), self.guards.lease):
                 raise RequestConflict(
                     "RequestBeingAccepted",
                     "another request for this device is being accepted right now; ask again in a few seconds",
@@ -228,7 +228,7 @@ class Submissions:
             try:
                 self.guards.release(where, taking.request_id)
             except AzureError:
-                log.warning("Could not release the guard %s; it lapses in %gs", where[0], ACCEPT_LEASE)
+                log.warning("Could not release the guard %s; it lapses in %gs", where[0], self.guards.lease)
 
     # ---- 3: the breaker, or the approval rule -------------------------------------------
 
@@ -446,13 +446,13 @@ class Submissions:
         """A request accepted and never picked up, older than the acceptance lease, may have
         no message (its acceptor died after writing it): send it one. Conditional on the row,
         so two healers send one message between them."""
-        heal(self.store, self.queue, record, self.clock())
+        heal(self.store, self.queue, record, self.clock(), self.guards.lease)
 
 
-def heal(store: RequestStore, queue: WorkQueue, record: RequestRecord, now: float) -> bool:
+def heal(store: RequestStore, queue: WorkQueue, record: RequestRecord, now: float, lease: float) -> bool:
     """Sends a message for `record` if it looks stranded (see Submissions._heal)."""
     since = record.last_queued
-    if not record.untouched() or not since or now - _epoch(since) < ACCEPT_LEASE:
+    if not record.untouched() or not since or now - _epoch(since) < lease:
         return False
     try:
         healed = store.update(
