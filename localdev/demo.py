@@ -61,6 +61,7 @@ def fleet_id(name: str) -> str:
 THROTTLED_MACHINE = fleet_id("desktop-7f3k2.contoso.com")
 MAC13_MACHINE = fleet_id("mac-finance-02.contoso.com")
 TIER0_MACHINE = fleet_id("dc-02.corp.contoso.com")
+BATCH = ("srv-files-01.corp.contoso.com", "lnx-build-11.corp.contoso.com")
 
 
 def say(text: str) -> None:
@@ -257,6 +258,21 @@ def follow(base: str, request_id: str, headers: dict[str, str]) -> None:
         time.sleep(0.3)
 
 
+def follow_batch(base: str, batch_id: str, headers: dict[str, str]) -> None:
+    """Poll a batch's route, printing its counts by status whenever they change."""
+    seen = None
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        response = requests.get(f"{base}/api/offboard/batches/{batch_id}", headers=headers, timeout=10)
+        counts = response.json()["counts"]
+        if counts != seen:
+            seen = counts
+            print(f"    GET /api/offboard/batches/{batch_id[:8]}...: {response.status_code} {counts}")
+        if response.status_code == 200:
+            return
+        time.sleep(0.3)
+
+
 def offboard(base: str, body: dict[str, str], headers: dict[str, str]) -> requests.Response:
     return requests.post(f"{base}/api/offboard", json=body, headers=headers, timeout=10)
 
@@ -295,6 +311,12 @@ def run_samples(base: str, defender: DefenderSimulator) -> None:
 
     say(f"A machine id Defender does not know ({UNKNOWN_MACHINE}): it answers 404")
     follow(base, offboard(base, {"machineId": UNKNOWN_MACHINE}, headers).json()["requestId"], headers)
+
+    say("A batch: two devices in one call, followed through its batch route")
+    batch = {"requests": [{"deviceName": BATCH[0]}, {"deviceName": BATCH[1]}], "comment": "CHG-2024: retired"}
+    answer = requests.post(f"{base}/api/offboard", json=batch, headers=headers, timeout=10).json()
+    print(f"    202 batchId {answer['batchId']}: {[r['status'] for r in answer['results']]}")
+    follow_batch(base, answer["batchId"], headers)
 
     say("Bad input is refused before anything is queued")
     response = offboard(base, {"machineId": "../admin"}, headers)

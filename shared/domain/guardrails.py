@@ -110,8 +110,9 @@ def verdict(machine: dict[str, Any], protection: Protection) -> Verdict | None:
     name = str(machine.get("computerDnsName") or "").lower()
     if machine_id in protection.deny or (name and name in protection.deny):
         return Verdict("ProtectedDevice", f"{name or machine_id} is on the deny list (OFFBOARD_DENY_LIST)")
-    tags = {str(t).lower() for t in machine.get("machineTags") or []}
-    protected_tags = sorted(tags & protection.tags)
+    protected_tags = sorted(
+        {str(t) for t in machine.get("machineTags") or [] if str(t).lower() in protection.tags}
+    )
     if protected_tags:
         return Verdict(
             "ProtectedDevice", f"the machine carries the protected tag(s) {', '.join(protected_tags)}"
