@@ -302,3 +302,27 @@ def test_a_request_by_name_answers_with_its_lookup(intake) -> None:
     }
     [message] = m.work.bodies()
     assert message["lookup"] == answer.body["lookup"] and "machineId" not in message
+
+
+def test_a_batch_replayed_whole_still_has_a_batch_to_follow(intake) -> None:
+    m, submissions = intake()
+    items = [Item(f"requests[{i}]", OffboardRequest(f"{i:040x}", "c"), key=f"file:{i}") for i in range(2)]
+    first_batch, first = submissions.accept(items, CALLER)
+    again_batch, again = submissions.accept(items, CALLER)
+    assert again_batch is not None and again_batch != first_batch
+    assert all(isinstance(a, Answer) and a.body["replayed"] for a in again)
+    listing, records = m.services.store.batch(again_batch)
+    assert listing is not None and set(records) == {
+        a.body["requestId"] for a in first if isinstance(a, Answer)
+    }
+
+
+def test_a_replay_names_the_device_as_the_caller_did_even_once_resolved(intake) -> None:
+    m, submissions = intake()
+    lookup = Lookup.of("aadDeviceId", "6d5c4b3a-2f1e-4d0c-9b8a-7f6e5d4c3b2a")
+    first = submit(submissions, OffboardRequest(None, "c", lookup), key="k")
+    record = m.services.store.get(first.body["requestId"])
+    assert record is not None
+    m.services.store.update(record, machine_id=MACHINE)  # the worker resolved it since
+    again = submit(submissions, OffboardRequest(None, "c", lookup), key="k")
+    assert again.body == {**first.body, "replayed": True}

@@ -126,7 +126,10 @@ class Submissions:
         written = self._write(taking, caller, batch_id if batch else None, answers, items, payload_format)
         self._send(written, taking, answers)
         final = [a if a is not None else _unavailable() for a in answers]
-        return (batch_id if batch and taking else None), final
+        # A batch whose items all named existing requests (a replayed file) still gets its id:
+        # its batch row lists them, so it is followed like any other.
+        listed = batch and any(isinstance(a, Answer) and "requestId" in a.body for a in final)
+        return (batch_id if listed else None), final
 
     # ---- 1-2: guards --------------------------------------------------------------------
 
@@ -313,7 +316,7 @@ class Submissions:
                 outcome = AuditEvent(audit.QUEUED, caller=caller.label, at=later)
             new.append(NewRequest(record, (received, outcome)))
         listing = None
-        if batch_id is not None and taking:
+        if batch_id is not None:
             refs = []
             for index, item in enumerate(items):
                 own = next((t for t in taking if t.index == index), None)
@@ -322,7 +325,7 @@ class Submissions:
                     refs.append((item.label, own.request_id))
                 elif isinstance(answer, Answer) and "requestId" in answer.body:
                     refs.append((item.label, str(answer.body["requestId"])))
-            listing = BatchItems(batch_id, tuple(refs), caller.label, payload_format, now)
+            listing = BatchItems(batch_id, tuple(refs), caller.label, payload_format, now) if refs else None
         written, failed = self.store.accept(new, listing)
         for t in taking:
             if t.request_id in failed:
@@ -382,9 +385,11 @@ class Submissions:
     # ---- answers ------------------------------------------------------------------------
 
     def _accepted_body(self, record: RequestRecord) -> dict[str, Any]:
+        """The answer a request got when it was accepted (and gets again when replayed): the
+        device as the caller named it, and the status it had then."""
         body: dict[str, Any] = {
             "requestId": record.request_id,
-            **_device(record),
+            **_device(record, as_named=True),
             "status": "Held" if record.held_code else "Queued",
             "statusUrl": self.status_url(record.request_id),
         }
@@ -486,9 +491,10 @@ def _epoch(iso: str) -> float:
     return datetime.fromisoformat(iso).timestamp()
 
 
-def _device(record: RequestRecord) -> dict[str, Any]:
-    """How an answer names the device: the machine id, or null and the lookup to resolve."""
-    if record.machine_id is None and record.lookup:
+def _device(record: RequestRecord, as_named: bool = False) -> dict[str, Any]:
+    """How an answer names the device: the machine id, or null and the lookup to resolve
+    (`as_named`: as the caller named it, even once the lookup has been resolved)."""
+    if record.lookup and (as_named or record.machine_id is None):
         return {"machineId": None, "lookup": json.loads(record.lookup)}
     return {"machineId": record.machine_id}
 
