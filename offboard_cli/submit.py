@@ -22,6 +22,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from shared.domain import ids
@@ -62,6 +63,7 @@ class Result:
     existing: bool = False
     final: bool = False
     note: str | None = None
+    batch_id: str | None = None  # of the answer that accepted (or replayed) it
 
     @property
     def accepted(self) -> bool:
@@ -197,6 +199,8 @@ def send_batch(
             )
         if isinstance(reply.body.get("batchId"), str):
             batch_id = reply.body["batchId"]
+            for result in todo:
+                result.batch_id = batch_id
         by_item = {a.get("item"): a for a in answers if isinstance(a, dict)}
         again = []
         for index, result in enumerate(todo):
@@ -234,15 +238,23 @@ class Follower:
         for result in results:
             if result.request_id:
                 self.by_request.setdefault(result.request_id, []).append(result)
-        # A request's batch is in its id (shared/domain/ids.py); an id of the older random
-        # layout has no batch and is read alone.
+        # Each request is read in the view of the batch that answered for it (which lists the
+        # replays it answered too), else of the batch its id names (shared/domain/ids.py: a
+        # batch of nothing but replays makes no batch); an id of the older random layout has
+        # no batch and is read alone.
         self.batches: dict[str, set[str]] = {}
         self.singles: set[str] = set()
-        for request_id in self.by_request:
-            if ids.is_batched(request_id):
-                self.batches.setdefault(ids.batch_of(request_id), set()).add(request_id)
-            else:
-                self.singles.add(request_id)
+        for request_id, of_request in self.by_request.items():
+            answered_by = next((r.batch_id for r in of_request if r.batch_id), None)
+            self._place(request_id, answered_by)
+
+    def _place(self, request_id: str, batch_id: str | None) -> None:
+        home = ids.batch_of(request_id) if ids.is_batched(request_id) else None
+        chosen = batch_id or home
+        if chosen is None:
+            self.singles.add(request_id)
+        else:
+            self.batches.setdefault(chosen, set()).add(request_id)
 
     def done(self, request_ids: Iterable[str] | None = None) -> bool:
         wanted = self.by_request if request_ids is None else request_ids
@@ -266,9 +278,20 @@ class Follower:
                 continue
             raise_for_error(reply)
             items = reply.body.get("items") if isinstance(reply.body, dict) else None
+            seen = set()
             for view in items if isinstance(items, list) else []:
                 if isinstance(view, dict) and view.get("requestId") in wanted:
+                    seen.add(view["requestId"])
                     self.update(view)
+            for request_id in wanted - seen:  # not in this view: read it where its id says
+                wanted.discard(request_id)
+                home = ids.batch_of(request_id) if ids.is_batched(request_id) else None
+                if home is None or home == batch_id:
+                    self.singles.add(request_id)
+                else:
+                    self._place(request_id, home)
+            if not wanted:
+                del self.batches[batch_id]
         for request_id in sorted(self.singles):
             if not self.done([request_id]):
                 reply = self.client.get(f"/api/offboard/{request_id}")
@@ -290,7 +313,7 @@ class Options:
     comment: str | None
     dry_run: bool
     wait: bool
-    out: Any  # Path | None
+    out: Path | None
     skip_invalid: bool
     interval: float
     retries: int
@@ -319,9 +342,15 @@ def run(
     waited = False
     try:
         for number, group in enumerate(groups, start=1):
-            batch_id = send_batch(
-                client, group, options.comment, options.dry_run, retries=options.retries, sleep=sleep
-            )
+            try:
+                batch_id = send_batch(
+                    client, group, options.comment, options.dry_run, retries=options.retries, sleep=sleep
+                )
+            except ServiceError as exc:  # the whole batch refused: its rows say why, the rest NotSent
+                for result in group:
+                    if not result.accepted:
+                        result.status, result.error_code, result.error_message = ERROR, exc.code, exc.message
+                raise
             if batch_id:
                 batch_ids.append(batch_id)
             out.say(f"batch {number}/{len(groups)}: {_counts(group, waited=False)}")
@@ -337,12 +366,7 @@ def run(
             waited = True  # everything was final already (or nothing was accepted)
     except KeyboardInterrupt:
         interrupted = True
-    except ServiceError as exc:
-        stopped = exc
-        for result in results:
-            if result.row.valid and not result.accepted and result.status == NOT_SENT:
-                result.status, result.error_code, result.error_message = ERROR, exc.code, exc.message
-    except (Unreachable, KeyRefused) as exc:
+    except (ServiceError, Unreachable, KeyRefused) as exc:
         stopped = exc
     report(out, file, results, options, batch_ids, waited)
     if options.out is not None:
