@@ -143,7 +143,8 @@ def parser() -> argparse.ArgumentParser:
         "--key",
         action="store_true",
         default=argparse.SUPPRESS,
-        help="type the function key at a prompt (not echoed) even if OFFBOARD_KEY is set; takes no value",
+        help="type the key at a prompt (not echoed) even if OFFBOARD_KEY (for release: "
+        "OFFBOARD_ADMIN_KEY) is set; takes no value",
     )
     common.add_argument(
         "--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output on stdout"

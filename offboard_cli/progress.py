@@ -97,7 +97,9 @@ class RichDisplay:
                 if result.status in ("Succeeded", "DryRun")
                 else ("red" if result.status in _FAILED else "yellow")
             )
-            self.progress.console.print(change_line(result, before), style=style, markup=False)
+            from rich.text import Text
+
+            self.progress.console.print(Text(change_line(result, before), style=style))
 
     def tick(self) -> None:
         done = sum(1 for r in self.results if r.final)

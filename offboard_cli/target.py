@@ -28,7 +28,7 @@ class Where:
 
     base_url: str
     local: bool
-    prompt: bool  # --key: type the function key even if OFFBOARD_KEY is set
+    prompt: bool  # --key: type the key even if the environment has it
 
     def function_key(self, environ: Mapping[str, str]) -> Secret:
         if self.local:
@@ -38,7 +38,7 @@ class Where:
     def master_key(self, environ: Mapping[str, str]) -> Secret:
         if self.local:
             return Secret(LOCAL_MASTER_KEY)
-        return read_key("OFFBOARD_ADMIN_KEY", "master key", environ, prompt=False)
+        return read_key("OFFBOARD_ADMIN_KEY", "master key", environ, prompt=self.prompt)
 
 
 def where(url: str | None, local: bool, port: int | None, prompt: bool, environ: Mapping[str, str]) -> Where:
