@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NoReturn, cast
 
 from . import __version__, commands, submit
 from .client import DEFAULT_RETRIES, Client
@@ -124,8 +125,15 @@ examples:
 """
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line naming what is wrong (and where the help is), not a usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
+
+
 def parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     target = common.add_argument_group("where")
     target.add_argument(
         "--url", metavar="URL", default=argparse.SUPPRESS, help="the app's base URL (else OFFBOARD_URL)"
@@ -158,7 +166,7 @@ def parser() -> argparse.ArgumentParser:
         f"(default {DEFAULT_RETRIES})",
     )
 
-    top = argparse.ArgumentParser(
+    top = _Parser(
         prog=PROG,
         description=DESCRIPTION,
         epilog=EXAMPLES,
@@ -253,12 +261,18 @@ def _run(
     argv: list[str], env: Mapping[str, str], stdin: IO[bytes] | None, out: Out, sleep: Callable[[float], None]
 ) -> int:
     for arg in argv:
-        if arg.startswith("--key="):
+        option_name = arg.split("=", 1)[0]
+        if "=" in arg and len(option_name) >= 3 and "--key".startswith(option_name):
+            # Refused before argparse, which would quote the value in its error.
             raise UsageError(
                 "--key takes no value: keys come from OFFBOARD_KEY or a prompt, never the command line"
             )
     try:
-        args = parser().parse_args(argv)
+        with (
+            contextlib.redirect_stdout(cast(IO[str], out.stdout)),
+            contextlib.redirect_stderr(cast(IO[str], out.stderr)),
+        ):
+            args = parser().parse_args(argv)
     except SystemExit as exc:  # argparse has printed usage and the error, or the help
         return int(exc.code) if isinstance(exc.code, int) else USAGE
 
@@ -349,7 +363,7 @@ def _submit(
             "(fix them, or --skip-invalid to send the others)"
         )
     options = submit.Options(
-        comment=args.comment.strip() or None if args.comment is not None else None,
+        comment=(args.comment or "").strip() or None,
         dry_run=args.dry_run,
         wait=args.wait,
         out=results_path,

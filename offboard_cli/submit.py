@@ -374,7 +374,7 @@ def run(
         out.note(f"results written to {options.out}")
     if stopped is not None:
         out.error(str(stopped))
-    if interrupted or isinstance(stopped, Unreachable | KeyRefused):
+    if interrupted or stopped is not None:
         out.note(
             ("Stopped waiting; nothing was cancelled." if waited else "Stopped.")
             + " Requests already accepted go on. To resume (rows already accepted are replayed, "

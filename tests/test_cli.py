@@ -484,10 +484,10 @@ def test_held_shows_why_over_every_page(stack: Stack, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("command", [[], ["submit"], ["status"], ["list"], ["held"], ["release"], ["audit"]])
-def test_help_everywhere_with_examples(command: list[str], capsys: pytest.CaptureFixture[str]) -> None:
-    assert main([*command, "--help"], environ={}) == 0
-    text = capsys.readouterr().out
-    assert "examples:" in text and "scripts/offboard" in text
+def test_help_everywhere_with_examples(command: list[str]) -> None:
+    run = cli(None, *command, "--help")
+    assert run.code == 0 and run.stderr == ""
+    assert "examples:" in run.stdout and "scripts/offboard" in run.stdout
 
 
 @pytest.mark.parametrize(
@@ -495,6 +495,8 @@ def test_help_everywhere_with_examples(command: list[str], capsys: pytest.Captur
     [
         (["submit", "/nonexistent/devices.csv"], "cannot read /nonexistent/devices.csv: No such file"),
         (["--key=" + WRONG_KEY, "held"], "--key takes no value"),
+        (["held", "--ke=" + WRONG_KEY], "--key takes no value"),
+        (["list", "--status"], "argument --status: expected one argument"),
         (["list", "--since", "yesterday"], "--since 'yesterday' is not a time"),
         (["list", "--status", "Done"], "--status 'Done' is not a status"),
         (["release"], "release takes request ids, or --all"),
