@@ -60,7 +60,8 @@ CSV: columns machineId, aadDeviceId, deviceName (the first non-empty one of a ro
 device), optional comment (the row's own, over --comment) and tenantId; other columns are
 ignored. Separated by commas, semicolons or tabs. A plain list: one identifier per line,
 recognised as the service does: 40 hexadecimal characters = machineId, a GUID = aadDeviceId,
-a DNS name = deviceName; blank lines and # comments are skipped. Row numbers are line numbers.
+a DNS name = deviceName (but 32+ hex characters that are not 40 are refused, not looked up);
+blank lines and # comments are skipped. Row numbers are line numbers.
 
 Every row is checked first; a file with bad rows is refused whole (exit 2), each bad row listed
 with its line and why, unless --skip-invalid. Rows go in batches of up to 50, each with an

@@ -13,7 +13,9 @@ line numbers in the file, which is what an editor shows.
   named on stderr.
 - A plain list: one identifier per line, its kind recognised by its form: 40 hexadecimal
   characters is a machine id, a GUID an Entra device id, a DNS name a device name. Blank
-  lines and `#` comments are skipped.
+  lines and `#` comments are skipped. One refusal the service would not make, because it
+  never guesses a kind: 32 or more hexadecimal characters, but not 40, are a damaged machine
+  id (or a GUID without hyphens), not a host name to look up.
 """
 
 from __future__ import annotations
