@@ -23,6 +23,10 @@ and nothing starts before 0. For N = 160 with 10/1 s and 150/60 s that is 60 s: 
 10 at 0, 1, ..., 14 s, then 10 at 60 s. Makespan is measured from the first HTTP request
 sent to the last call Defender accepted; efficiency = bound / makespan.
 
+While it runs it prints a progress line to stderr every few seconds (`--progress-every`).
+`--plot FILE.png` also draws each run's offboard calls in the sliding minute and hour
+against the two limits, in Defender's unscaled time (`bench/plot.py`).
+
 Run it with `scripts/bench` (it sets up first). Options: `--help`.
 """
 
@@ -38,7 +42,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +54,8 @@ from localdev.azurite import Azurite
 from localdev.defender_sim import DefenderSimulator
 from localdev.host import LOCAL_FUNCTION_KEY, launch
 from localdev.identity import IdentityEndpoint
+
+from .progress import ProgressLine
 
 ROOT = Path(__file__).resolve().parent.parent
 MINUTE, HOUR = 60.0, 3600.0
@@ -120,8 +126,14 @@ def percentile(values: Sequence[float], fraction: float) -> float:
 
 
 def run(
-    workers: int, args: argparse.Namespace, azurite: Azurite, identity: IdentityEndpoint
-) -> dict[str, Any]:
+    workers: int,
+    args: argparse.Namespace,
+    azurite: Azurite,
+    identity: IdentityEndpoint,
+    progress: Callable[[str], None] | None = None,
+) -> tuple[dict[str, Any], list[float], list[float]]:
+    """One run: its results, and the times of the calls Defender accepted and refused (429),
+    in real seconds since the first request."""
     scale = args.time_scale
     windows = ((args.minute_calls, MINUTE), (args.minute_calls * 15, HOUR))
     real_windows = [(calls, seconds / scale) for calls, seconds in windows]
@@ -130,6 +142,7 @@ def run(
         accept_token=lambda token: token in identity.tokens,
         rate_limits={"offboard": windows},
         time_scale=scale,
+        accept_any=True,  # the benchmark posts random machine ids
     ) as defender:
         name = f"bench{uuid.uuid4().hex[:10]}"
         env = {
@@ -155,8 +168,10 @@ def run(
             "OFFBOARD_BREAKER_LIMIT": "1000",
             "OFFBOARD_CHECK_INITIAL_SECONDS": "3600",
         }
-        intake = Host.start(env, "--no-queues")
-        pool = [Host.start(env, "--no-http") for _ in range(workers)]
+        # No schedules: a timer function firing mid-run would spend CPU and Defender calls
+        # the benchmark would count as pacing's.
+        intake = Host.start(env, "--no-queues", "--no-timers")
+        pool = [Host.start(env, "--no-http", "--no-timers") for _ in range(workers)]
         stats: list[dict[str, Any]] = []
         try:
             time.sleep(1.0)  # let the workers' first polls settle before measuring CPU
@@ -164,7 +179,7 @@ def run(
             latencies = send(f"http://127.0.0.1:{intake.port}", count, args.senders)
             started = latencies.pop()  # send() appends the start time last
             deadline = time.time() + bound_seconds(count, real_windows) * 3 + 60
-            succeeded = wait_for_successes(defender, count, deadline)
+            succeeded = wait_for_successes(defender, count, deadline, progress)
             process_cpu = sum(cpu_seconds(h.process.pid) for h in pool) - cpu_before
         finally:
             intake.stop(report=False)
@@ -179,7 +194,9 @@ def run(
         bound = bound_seconds(count, real_windows)
         for host in [intake, *pool]:
             host.log.unlink(missing_ok=True)
-    return {
+    accepted_at = sorted(c.at - started for c in accepted)
+    throttled_at = sorted(c.at - started for c in defender.throttled)
+    result = {
         "workers": workers,
         "requests": count,
         "succeeded": len(machines),
@@ -209,6 +226,7 @@ def run(
         "time_scale": scale,
         "finished": succeeded,
     }
+    return result, accepted_at, throttled_at
 
 
 def send(base: str, count: int, senders: int) -> list[float]:
@@ -230,10 +248,20 @@ def send(base: str, count: int, senders: int) -> list[float]:
     return [*latencies, started]
 
 
-def wait_for_successes(defender: DefenderSimulator, count: int, deadline: float) -> bool:
+def wait_for_successes(
+    defender: DefenderSimulator,
+    count: int,
+    deadline: float,
+    progress: Callable[[str], None] | None = None,
+) -> bool:
+    """Waits until Defender has accepted an offboard of `count` machines; `progress` is
+    told how many so far."""
     while time.time() < deadline:
         throttled = {id(call) for call in defender.throttled}
-        if len({c.path for c in defender.offboard_calls() if id(c) not in throttled}) >= count:
+        done = len({c.path for c in defender.offboard_calls() if id(c) not in throttled})
+        if progress is not None:
+            progress(f"{done}/{count} accepted")
+        if done >= count:
             time.sleep(0.5)  # long enough to see a duplicate call, if one were coming
             return True
         time.sleep(0.05)
@@ -278,12 +306,47 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--margin", type=float, default=0.4, help="RATE_LIMIT_MARGIN_SECONDS for the app")
     parser.add_argument("--inline-wait", type=float, default=1.5, help="RATE_LIMIT_MAX_INLINE_WAIT_SECONDS")
     parser.add_argument("--senders", type=int, default=8, help="concurrent HTTP clients")
+    parser.add_argument(
+        "--plot",
+        type=Path,
+        metavar="FILE.png",
+        help="also draw each run's calls per sliding minute and hour against the limits",
+    )
+    parser.add_argument(
+        "--progress-every",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="a progress line on stderr this often (default 5; 0: none)",
+    )
     args = parser.parse_args(argv)
+    if args.plot is not None:
+        from .plot import supported  # matplotlib only when a picture is asked for
 
+        problem = supported(args.plot)
+        if problem:
+            parser.error(problem)
+
+    line = ProgressLine(args.progress_every)
+    runs: list[tuple[dict[str, Any], list[float], list[float]]] = []
     with Azurite() as azurite, IdentityEndpoint() as identity:
         env = {**os.environ, "AzureWebJobsStorage": azurite.connection_string}
+        line.done("bench: timing the cold import of function_app")
         import_seconds = cold_import_seconds(env)
-        results = [run(workers, args, azurite, identity) for workers in args.workers]
+        for index, workers in enumerate(args.workers, 1):
+            label = f"bench: run {index}/{len(args.workers)} ({workers} worker{'s' if workers != 1 else ''})"
+            began = time.monotonic()
+
+            def report(text: str, label: str = label, began: float = began) -> None:
+                line.update(f"{label}: {text}, {time.monotonic() - began:.0f}s elapsed")
+
+            line.done(f"{label}: starting")
+            runs.append(run(workers, args, azurite, identity, report))
+            line.done(f"{label}: finished in {time.monotonic() - began:.0f}s")
+    results = [result for result, _, _ in runs]
+    if args.plot is not None:
+        plot(args.plot, args, runs)
+        line.done(f"bench: drew {args.plot}")
     print(table(results, import_seconds))
     print(
         json.dumps(
@@ -291,6 +354,33 @@ def main(argv: list[str] | None = None) -> int:
         )
     )
     return 0
+
+
+def plot(
+    path: Path, args: argparse.Namespace, runs: list[tuple[dict[str, Any], list[float], list[float]]]
+) -> None:
+    from .plot import RunTrace, draw  # matplotlib only when a picture is asked for
+
+    scale = args.time_scale  # real seconds -> Defender seconds
+    traces: list[RunTrace] = [
+        RunTrace(
+            workers=result["workers"],
+            accepted=[t * scale for t in accepted],
+            throttled=[t * scale for t in throttled],
+            minute_limit=args.minute_calls,
+            hour_limit=args.minute_calls * 15,
+            bound=result["bound_s"] * scale,
+            makespan=result["makespan_s"] * scale,
+            efficiency=result["efficiency"],
+        )
+        for result, accepted, throttled in runs
+    ]
+    subtitle = (
+        f"{runs[0][0]['requests']} requests a run; limits {args.minute_calls} a minute and "
+        f"{args.minute_calls * 15} an hour (Defender's 100 and 1,500, divided by "
+        f"{100 / args.minute_calls:g}); run {scale:g}x faster than Defender's clock"
+    )
+    draw(traces, path, subtitle)
 
 
 if __name__ == "__main__":

@@ -80,6 +80,7 @@ class Azurite:
                 self._process.wait(10)
             except subprocess.TimeoutExpired:
                 self._process.kill()
+                self._process.wait()  # reaped here: no zombie left for a parent that exits
 
     def __enter__(self) -> Azurite:
         return self.start()

@@ -5,17 +5,28 @@ answers with a MachineAction, and can be scripted per machine to answer 429 with
 Retry-After, Defender's 400 error codes, 401, 403, 404, 5xx, or to answer slowly. Every call
 it receives is recorded, so tests assert on the exact request the worker sent.
 
+Machines: it starts with the fleet in `localdev.fleet.FLEET` (one machine per path of the
+app: supported and unsupported platforms, a protected device, two records sharing a name),
+and `add_machine` describes more or changes one. As Defender does, an id it does not know
+answers 404 `NotFound` (reading the machine, offboarding it, tagging it). With
+`accept_any=True`, any other well-formed id is an onboarded Windows 11 PC instead, for load
+tests and benchmarks that post random ids; the fleet and `add_machine` still apply.
+
 It also serves `GET /api/machines?$filter=...` for device resolution: an exact `eq` on
 `aadDeviceId` or `computerDnsName` (case-insensitive, as Defender compares them) over the
-machines a test added with `add_machine` (duplicates allowed, for ambiguity). Any other
-filter is refused with 400 as Defender refuses a malformed OData filter. `script(LOOKUP, ...)`
-scripts the lookup's answers.
+fleet and the machines added with `add_machine` (duplicates allowed, for ambiguity). Any
+other filter is refused with 400 as Defender refuses a malformed OData filter.
+`script(LOOKUP, ...)` scripts the lookup's answers. Tags: `POST /api/machines/{id}/tags` and
+`POST /api/machines/AddOrRemoveTagForMultipleMachines` (at most 500 ids; ids it does not
+know are left out of the answer).
 
 It also enforces Defender's rate limits as sliding windows per operation (by default 100
-calls a minute and 1,500 an hour each for offboard, machine reads and action reads): a call
-that would make any window hold more than its limit is answered 429 with Retry-After (whole
-seconds until a call would be admitted). Every authenticated call counts, the refused ones
-too. `time_scale` shrinks the windows (60 makes an hour pass in a minute) for benchmarks.
+calls a minute and 1,500 an hour each for offboard, machine reads, action reads and tags):
+a call that would make any window hold more than its limit is answered 429 with Retry-After
+(whole seconds until a call would be admitted). Every authenticated call counts, the refused
+ones too. `time_scale` shrinks the windows (60 makes an hour pass in a minute) for
+benchmarks. Defender's limits are per application and tenant: with `tenant_of` (bearer token
+-> tenant id) each tenant has its own budgets, and each recorded call carries its tenant.
 """
 
 from __future__ import annotations
@@ -27,29 +38,34 @@ import threading
 import time
 import uuid
 from collections import defaultdict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, cast
 from urllib.parse import parse_qs, urlsplit
 
+from .fleet import FLEET as FLEET  # re-exported: the machines every simulator starts with
 from .loopback import LoopbackServer, QuietHandler
 
 _OFFBOARD = re.compile(r"/api/machines/([^/]+)/offboard")
 _ACTION = re.compile(r"/api/machineactions/([^/]+)(/cancel)?")
 _MACHINE = re.compile(r"/api/machines/([^/?]+)")
 _TAGS = re.compile(r"/api/machines/([^/]+)/tags")
+_BULK_TAGS = "/api/machines/AddOrRemoveTagForMultipleMachines"
+MAX_BULK_TAG_MACHINES = 500  # Defender's documented limit per call
 _MACHINE_ID = re.compile(r"[0-9a-f]{40}")
 # One comparison of a supported field with one OData string literal ('' is a quote inside).
 _FILTER = re.compile(r"(aadDeviceId|computerDnsName) eq '((?:[^']|'')*)'")
 LOOKUP = "GET /api/machines"  # the script key for device lookups
 ACTION_LOOKUP = "GET /api/machineactions"  # the script key for finding a machine's actions
+BULK_TAGS = f"POST {_BULK_TAGS}"  # the script key for bulk tagging
 _ACTION_FILTER = re.compile(r"machineId eq '([0-9a-f]{40})' and type eq 'Offboard'")
 # Defender's documented limits, per application and tenant: (calls, window in seconds).
 DEFENDER_RATE_LIMITS: dict[str, tuple[tuple[int, float], ...]] = {
     "offboard": ((100, 60.0), (1500, 3600.0)),
     "machine-read": ((100, 60.0), (1500, 3600.0)),
     "action-read": ((100, 60.0), (1500, 3600.0)),
+    "machine-tag": ((100, 60.0), (1500, 3600.0)),
 }
 
 
@@ -58,6 +74,8 @@ def operation_of(method: str, path: str) -> str | None:
     route = path.split("?", 1)[0]
     if method == "POST" and _OFFBOARD.fullmatch(route):
         return "offboard"
+    if method == "POST" and (route == _BULK_TAGS or _TAGS.fullmatch(route)):
+        return "machine-tag"
     if method == "GET" and route.startswith("/api/machineactions"):
         return "action-read"
     if method == "GET" and route.startswith("/api/machines"):
@@ -112,6 +130,7 @@ class Call:
     headers: dict[str, str]
     body: bytes
     at: float
+    tenant: str | None = None  # from `tenant_of`, when the simulator was given one
 
     def json(self) -> Any:
         return json.loads(self.body)
@@ -123,31 +142,47 @@ class DefenderSimulator(LoopbackServer):
         port: int = 0,
         accept_token: Callable[[str], bool] | None = None,
         *,
-        rate_limits: dict[str, tuple[tuple[int, float], ...]] | None = None,
+        rate_limits: Mapping[str, tuple[tuple[int, float], ...]] | None = None,
         time_scale: float = 1.0,
+        accept_any: bool = False,
+        tenant_of: Callable[[str], str | None] | None = None,
     ) -> None:
         self.calls: list[Call] = []
         self.throttled: list[Call] = []  # calls answered 429 by the rate limits
         self.accept_token = accept_token or (lambda token: bool(token))
+        self.accept_any = accept_any
+        self.tenant_of = tenant_of
         self._scripts: dict[str, deque[Reply]] = defaultdict(deque)
         self._lock = threading.Lock()
         # Statuses successive reads of a MachineAction return; the last one repeats.
         self.action_progression: list[str] = ["Pending", "InProgress", "Succeeded"]
         self.actions: dict[str, dict[str, Any]] = {}
-        # Machines the tests describe; any other well-formed id is an onboarded Windows 11 PC
-        # when read by id (lookups by name or AAD id find only the machines described here).
-        self.machines: dict[str, dict[str, Any]] = {}
+        self.machines: dict[str, dict[str, Any]] = {m.id: m.entity() for m in FLEET}
+        # The offboard API's standing refusal of a machine (OsPlatformNotSupported), by id.
+        self.refusals: dict[str, str] = {m.id: m.refusal for m in FLEET if m.refusal}
         self._action_reads: dict[str, int] = defaultdict(int)
-        limits = DEFENDER_RATE_LIMITS if rate_limits is None else rate_limits
-        self._budgets = {op: SlidingWindows(windows, time_scale) for op, windows in limits.items()}
+        self._limits = DEFENDER_RATE_LIMITS if rate_limits is None else rate_limits
+        self._time_scale = time_scale
+        # Keyed by (tenant, operation); the tenant is None without `tenant_of`: one budget
+        # per operation, as for a single application in a single tenant.
+        self._budgets: dict[tuple[str | None, str], SlidingWindows] = {}
         super().__init__(_Handler, port)
+
+    def tenant_for(self, authorization: str) -> str | None:
+        """The tenant a call's `Authorization` header belongs to (None without `tenant_of`)."""
+        token = authorization.removeprefix("Bearer ") if authorization.startswith("Bearer ") else ""
+        return self.tenant_of(token) if self.tenant_of is not None and token else None
 
     def throttle(self, call: Call) -> Reply | None:
         """A 429 if `call` exceeds its operation's limits, else None. Counts the call."""
-        budget = self._budgets.get(operation_of(call.method, call.path) or "")
-        if budget is None:
+        operation = operation_of(call.method, call.path) or ""
+        if operation not in self._limits:
             return None
         with self._lock:
+            key = (call.tenant, operation)
+            budget = self._budgets.get(key)
+            if budget is None:
+                budget = self._budgets[key] = SlidingWindows(self._limits[operation], self._time_scale)
             wait = budget.admit(call.at)
             if wait is None:
                 return None
@@ -173,8 +208,9 @@ class DefenderSimulator(LoopbackServer):
 
     def script(self, key: str, *replies: Reply) -> None:
         """Answer the next calls for `key` with `replies`, in order, then normally. Keys: a
-        machine id (its offboard), `machine:<id>` (reading the machine), an action id (reading
-        or cancelling that action), LOOKUP (device lookups)."""
+        machine id (its offboard), `machine:<id>` (reading the machine), `tags:<id>` (tagging
+        it), an action id (reading or cancelling that action), LOOKUP (device lookups),
+        ACTION_LOOKUP (finding a machine's actions), BULK_TAGS (bulk tagging)."""
         with self._lock:
             self._scripts[key].extend(replies)
 
@@ -186,8 +222,9 @@ class DefenderSimulator(LoopbackServer):
         **fields: Any,
     ) -> dict[str, Any]:
         """Describe a machine (osPlatform, version, osBuild, machineTags, rbacGroupId,
-        onboardingStatus, ...) over the defaults. Several machines may share a name or an
-        AAD device id, as in real tenants (re-imaged devices), for ambiguity tests."""
+        onboardingStatus, ...) over the defaults (an onboarded Windows 11 PC), replacing any
+        machine with this id, a fleet machine included. Several machines may share a name or
+        an AAD device id, as in real tenants (re-imaged devices), for ambiguity tests."""
         machine = {**default_machine(machine_id), **fields}
         if computer_dns_name is not None:
             machine["computerDnsName"] = computer_dns_name
@@ -195,13 +232,38 @@ class DefenderSimulator(LoopbackServer):
             machine["aadDeviceId"] = aad_device_id
         with self._lock:
             self.machines[machine_id] = machine
-        return machine
+            self.refusals.pop(machine_id, None)  # a described machine is what the test says
+        return dict(machine)
 
     def machine(self, machine_id: str) -> dict[str, Any] | None:
+        """The machine with this id as Defender would return it; None when Defender would
+        answer 404 (unknown, unless `accept_any` and the id is well-formed)."""
         with self._lock:
-            if machine_id in self.machines:
-                return dict(self.machines[machine_id])
-        return default_machine(machine_id) if _MACHINE_ID.fullmatch(machine_id) else None
+            return self._machine(machine_id)
+
+    def _machine(self, machine_id: str) -> dict[str, Any] | None:  # with the lock held
+        if machine_id in self.machines:
+            return dict(self.machines[machine_id])
+        if self.accept_any and _MACHINE_ID.fullmatch(machine_id):
+            return default_machine(machine_id)
+        return None
+
+    def retag(self, machine_id: str, value: str, action: str) -> dict[str, Any] | None:
+        """Adds (`Add`) or removes (`Remove`) one tag; the updated machine, or None for a
+        machine Defender would not know."""
+        with self._lock:
+            machine = self._machine(machine_id)
+            if machine is None:
+                return None
+            kept = [t for t in machine["machineTags"] if t != value]
+            machine["machineTags"] = [*kept, value] if action == "Add" else kept
+            self.machines[machine_id] = machine  # an accept_any machine is remembered from now on
+            return dict(machine)
+
+    def tag_calls(self) -> list[Call]:
+        """Single and bulk tag calls, in the order received."""
+        with self._lock:
+            return [c for c in self.calls if operation_of(c.method, c.path) == "machine-tag"]
 
     def machine_calls(self, machine_id: str | None = None) -> list[Call]:
         with self._lock:
@@ -229,7 +291,9 @@ class DefenderSimulator(LoopbackServer):
         return any(a["status"] in ("Pending", "InProgress") for a in self.offboard_actions(machine_id))
 
     def new_action(self, machine_id: str, comment: str) -> dict[str, Any]:
-        action = machine_action(machine_id, comment)
+        machine = self.machine(machine_id)
+        name = machine["computerDnsName"] if machine else f"host-{machine_id[:8]}.contoso.example"
+        action = machine_action(machine_id, comment, name)
         with self._lock:
             self.actions[action["id"]] = action
         return action
@@ -296,7 +360,7 @@ def default_machine(machine_id: str) -> dict[str, Any]:
     }
 
 
-def machine_action(machine_id: str, comment: str) -> dict[str, Any]:
+def machine_action(machine_id: str, comment: str, computer_dns_name: str) -> dict[str, Any]:
     now = datetime.now(UTC).isoformat().replace("+00:00", "Z")
     return {
         "id": str(uuid.uuid4()),
@@ -306,7 +370,7 @@ def machine_action(machine_id: str, comment: str) -> dict[str, Any]:
         "requestorComment": comment,
         "status": "Pending",
         "machineId": machine_id,
-        "computerDnsName": f"host-{machine_id[:8]}.contoso.example",
+        "computerDnsName": computer_dns_name,
         "creationDateTimeUtc": now,
         "lastUpdateDateTimeUtc": now,
         "cancellationRequestor": None,
@@ -320,6 +384,30 @@ def machine_action(machine_id: str, comment: str) -> dict[str, Any]:
         "externalId": None,
         "requestSource": "PublicApi",
     }
+
+
+def _tag_request(body: bytes, *, bulk: bool = False) -> tuple[str, str, list[str]] | Reply:
+    """(Value, Action, MachineIds) of a tag request body, or the 400 Defender answers."""
+    try:
+        request = json.loads(body)
+    except ValueError:
+        request = None
+    if not isinstance(request, dict):
+        return Reply.error(400, "InvalidRequestBody", "the body must be a JSON object")
+    value, action, ids = request.get("Value"), request.get("Action"), request.get("MachineIds")
+    if not isinstance(value, str) or not value.strip():
+        return Reply.error(400, "InvalidRequestBody", "Value (the tag) is required")
+    if action not in ("Add", "Remove"):
+        return Reply.error(400, "InvalidRequestBody", "Action must be 'Add' or 'Remove'")
+    if not bulk:
+        return value, action, []
+    if not isinstance(ids, list) or not ids or not all(isinstance(i, str) for i in ids):
+        return Reply.error(400, "InvalidRequestBody", "MachineIds must be a non-empty list of machine ids")
+    if len(ids) > MAX_BULK_TAG_MACHINES:
+        return Reply.error(
+            400, "InvalidRequestBody", f"at most {MAX_BULK_TAG_MACHINES} machines per call, got {len(ids)}"
+        )
+    return value, action, ids
 
 
 class _Handler(QuietHandler):
@@ -352,10 +440,11 @@ class _Handler(QuietHandler):
     def do_POST(self) -> None:  # noqa: N802 - http.server naming
         sim = cast(DefenderSimulator, self.server.owner)  # type: ignore[attr-defined]
         body = self.read_body()
-        call = Call("POST", self.path, dict(self.headers.items()), body, time.time())
-        sim.record(call)
+        call = self._call(sim, body)
         if not self._admitted(sim, call):
             return None
+        if self.path == _BULK_TAGS:
+            return self._tag_many(sim, body)
         action = _ACTION.fullmatch(self.path)
         if action and action.group(2):
             return self._cancel_action(sim, action.group(1), body)
@@ -379,8 +468,11 @@ class _Handler(QuietHandler):
             comment = None
         if not isinstance(comment, str):
             return self._reply(Reply.error(400, "InvalidRequestBody", "Comment is required"))
-        if not _MACHINE_ID.fullmatch(machine_id):
+        if sim.machine(machine_id) is None:
             return self._reply(Reply.error(404, "NotFound", f"Machine {machine_id} was not found"))
+        refusal = sim.refusals.get(machine_id)
+        if refusal is not None:
+            return self._reply(Reply.error(400, "OsPlatformNotSupported", refusal))
         if sim.pending_offboard(machine_id):
             # As Defender does: one offboard per machine at a time.
             return self._reply(
@@ -392,8 +484,7 @@ class _Handler(QuietHandler):
 
     def do_GET(self) -> None:  # noqa: N802 - http.server naming
         sim = cast(DefenderSimulator, self.server.owner)  # type: ignore[attr-defined]
-        call = Call("GET", self.path, dict(self.headers.items()), b"", time.time())
-        sim.record(call)
+        call = self._call(sim, b"")
         if not self._admitted(sim, call):
             return None
         parts = urlsplit(self.path)
@@ -425,18 +516,29 @@ class _Handler(QuietHandler):
         return self._reply(Reply(200, machine))
 
     def _tag(self, sim: DefenderSimulator, machine_id: str, body: bytes) -> None:
-        try:
-            request = json.loads(body)
-            value, action = str(request["Value"]), request["Action"]
-        except (ValueError, KeyError, TypeError):
-            return self._reply(Reply.error(400, "InvalidRequestBody", "Value and Action are required"))
-        machine = sim.machine(machine_id)
-        if machine is None or action not in ("Add", "Remove"):
-            return self._reply(
-                Reply.error(404 if machine is None else 400, "InvalidRequest", "bad tag request")
-            )
-        tags = [t for t in machine["machineTags"] if t != value] + ([value] if action == "Add" else [])
-        return self._reply(Reply(200, sim.add_machine(machine_id, **{**machine, "machineTags": tags})))
+        scripted = sim.next_scripted(f"tags:{machine_id}")
+        if scripted is not None:
+            return self._reply(scripted)
+        request = _tag_request(body)
+        if isinstance(request, Reply):
+            return self._reply(request)
+        value, action, _ = request
+        machine = sim.retag(machine_id, value, action)
+        if machine is None:
+            return self._reply(Reply.error(404, "NotFound", f"Machine {machine_id} was not found"))
+        return self._reply(Reply(200, machine))
+
+    def _tag_many(self, sim: DefenderSimulator, body: bytes) -> None:
+        scripted = sim.next_scripted(BULK_TAGS)
+        if scripted is not None:
+            return self._reply(scripted)
+        request = _tag_request(body, bulk=True)
+        if isinstance(request, Reply):
+            return self._reply(request)
+        value, action, machine_ids = request
+        # Machines Defender does not know are left out of the answer rather than failing it.
+        tagged = [m for m in (sim.retag(i, value, action) for i in dict.fromkeys(machine_ids)) if m]
+        return self._reply(Reply(200, {"value": tagged}))
 
     def _cancel_action(self, sim: DefenderSimulator, action_id: str, body: bytes) -> None:
         scripted = sim.next_scripted(action_id)
@@ -450,6 +552,13 @@ class _Handler(QuietHandler):
         if action is None:
             return self._reply(Reply.error(400, "InvalidRequest", f"action {action_id} cannot be cancelled"))
         return self._reply(Reply(200, action))
+
+    def _call(self, sim: DefenderSimulator, body: bytes) -> Call:
+        """Records the call being handled, with its tenant."""
+        tenant = sim.tenant_for(self.headers.get("Authorization", ""))
+        call = Call(self.command, self.path, dict(self.headers.items()), body, time.time(), tenant)
+        sim.record(call)
+        return call
 
     def _admitted(self, sim: DefenderSimulator, call: Call) -> bool:
         """Authenticated, then within the rate limits (every authenticated call counts)."""

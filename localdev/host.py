@@ -1,15 +1,28 @@
 """A local stand-in for the Azure Functions host (which cannot be installed here).
 
-It loads `function_app.app` and does what the host does with it, driven by host.json:
+It loads `function_app.app` (or `--app MODULE:ATTRIBUTE`) and does what the host does with
+it, driven by host.json:
 - serves the HTTP triggers on a loopback port under `/api`, checking function keys the way
   the host does (`x-functions-key` header or `?code=`), and turns real HTTP into
   `func.HttpRequest`;
 - runs each queue trigger like the host's queue listener: base64 messages, `batchSize` and
   `newBatchThreshold`, polling that backs off to `maxPollingInterval` when idle, a message
   that raised becomes visible again after `visibilityTimeout`, and one that raised on its
-  `maxDequeueCount`-th delivery is moved, unchanged, to `<queue>-poison`.
+  `maxDequeueCount`-th delivery is moved, unchanged, to `<queue>-poison`;
+- runs each timer trigger on its NCRONTAB schedule (`localdev.timers`), and on demand
+  through the admin API as the host does: `POST /admin/functions/{functionName}` with the
+  master key (`x-functions-key` or `?code=`; a function key is refused with 401) and a JSON
+  body such as `{"input": ""}`. It answers `202 Accepted` once the function has returned
+  (the real host answers at once and runs it in the background), so a caller knows it has
+  finished; `X-Local-Function-Outcome: Succeeded` or `Failed` (it raised; see the log) says
+  how it went. Only timer functions are invoked this way here.
 
-Run: `python -m localdev.host --port 7071` with the app's settings in the environment.
+`%NAME%` in a queue name or a schedule is the app setting NAME; when it is missing the host
+does not start and says which function and setting (the real host refuses that function).
+
+Run: `python -m localdev.host --port 7071` with the app's settings in the environment
+(`--no-http`, `--no-queues`, `--no-timers` leave a part out). On Ctrl-C (SIGINT) it prints
+one JSON line of stats: queue invocations, their CPU, and timer invocations per function.
 """
 
 from __future__ import annotations
@@ -18,6 +31,7 @@ import argparse
 import base64
 import binascii
 import contextlib
+import importlib
 import json
 import logging
 import os
@@ -40,15 +54,18 @@ import azure.functions as func
 from azure.core.exceptions import ResourceExistsError
 from azure.functions.decorators.http import HttpTrigger
 from azure.functions.decorators.queue import QueueTrigger
+from azure.functions.decorators.timer import TimerTrigger
 from azure.functions.queue import QueueMessage
 from azure.storage.queue import QueueClient
 
 from .loopback import QuietHandler
+from .timers import HostConfigError, Schedule, TimerFunction, Timers, resolve_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 LOCAL_FUNCTION_KEY = "local-function-key"  # not a secret: only this loopback host knows it
 LOCAL_MASTER_KEY = "local-master-key"
 log = logging.getLogger("localdev.host")
+_ADMIN_FUNCTION = re.compile(r"/admin/functions/([^/]+)")
 
 
 @dataclass(frozen=True)
@@ -100,11 +117,21 @@ def _route_pattern(template: str) -> re.Pattern[str]:
 
 
 class LocalHost:
-    def __init__(self, app: func.FunctionApp, options: QueueOptions, connection_string: str) -> None:
+    def __init__(
+        self,
+        app: func.FunctionApp,
+        options: QueueOptions,
+        connection_string: str,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        """Indexes the app's functions; HostConfigError when one cannot be hosted (a
+        `%SETTING%` that is not set, a schedule that is not NCRONTAB)."""
+        env = os.environ if env is None else env
         self.options = options
         self.connection_string = connection_string
         self.routes: list[HttpRoute] = []
         self.queue_triggers: list[tuple[str, str, Any]] = []
+        timers: list[TimerFunction] = []
         for function in app.get_functions():
             trigger = function.get_trigger()
             handler = function.get_user_function()
@@ -116,8 +143,12 @@ class LocalHost:
                     HttpRoute(name, _route_pattern(trigger.route or name), methods, level, handler)
                 )
             elif isinstance(trigger, QueueTrigger):
-                queue = re.sub(r"%(\w+)%", lambda m: os.environ[m.group(1)], trigger.queue_name)
+                queue = resolve_settings(trigger.queue_name, env, name)
                 self.queue_triggers.append((name, queue, handler))
+            elif isinstance(trigger, TimerTrigger):
+                schedule = Schedule(resolve_settings(trigger.schedule, env, name), name)
+                startup = bool(trigger.run_on_startup)
+                timers.append(TimerFunction(name, schedule, trigger.name, startup, handler))
         # As ASP.NET routing does: literal segments win over parameters ("offboard/held/release"
         # before "offboard/{requestId}/release").
         self.routes.sort(key=lambda route: route.pattern.pattern.count("(?P<"))
@@ -127,6 +158,7 @@ class LocalHost:
         self.invocation_cpu_seconds = 0.0
         self._stats_lock = threading.Lock()
         self._stop = threading.Event()
+        self.timers = Timers(timers, self._stop)
         self._threads: list[threading.Thread] = []
         self._http: ThreadingHTTPServer | None = None
 
@@ -145,6 +177,8 @@ class LocalHost:
         parts = urlsplit(url)
         params = {k: v[0] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
         path = parts.path
+        if path.startswith("/admin/"):
+            return self._admin(method, path, headers, params, body)
         if not path.startswith("/api/"):
             return _error(404, "NotFound", "no such route")
         for route in self.routes:
@@ -169,6 +203,40 @@ class LocalHost:
                 log.exception("Function %s raised", route.name)
                 return func.HttpResponse(status_code=500)
         return _error(404, "NotFound", "no such route")
+
+    def _admin(
+        self, method: str, path: str, headers: dict[str, str], params: dict[str, str], body: bytes
+    ) -> func.HttpResponse:
+        """The admin API's on-demand run of a timer function (master key only)."""
+        if not _authorised("admin", headers, params):
+            return func.HttpResponse(status_code=401)
+        match = _ADMIN_FUNCTION.fullmatch(path)
+        if not match:
+            return _error(404, "NotFound", "no such admin route")
+        if method != "POST":
+            return _error(405, "MethodNotAllowed", "invoke a function with POST")
+        name = match.group(1)
+        function = self.timers.find(name)
+        if function is None:
+            others = {r.name.lower() for r in self.routes} | {q[0].lower() for q in self.queue_triggers}
+            if name.lower() in others:
+                return _error(400, "NotATimerFunction", f"{name}: this host invokes only timer functions")
+            return _error(404, "NotFound", f"no function named {name}")
+        try:
+            request = json.loads(body or b"null")
+        except ValueError:
+            request = None
+        if not isinstance(request, dict) or not isinstance(request.get("input", ""), str):
+            return _error(400, "InvalidBody", 'the body must be a JSON object such as {"input": ""}')
+        succeeded = self.timers.invoke(function)
+        return func.HttpResponse(
+            status_code=202, headers={"X-Local-Function-Outcome": "Succeeded" if succeeded else "Failed"}
+        )
+
+    # ---- timers -------------------------------------------------------------------------
+
+    def run_timers(self) -> None:
+        self._threads.extend(self.timers.start())
 
     # ---- queues -------------------------------------------------------------------------
 
@@ -341,17 +409,31 @@ def main(argv: list[str] | None = None) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--port", type=int, default=7071, help="HTTP port on 127.0.0.1 (0 picks a free one)")
+    parser.add_argument("--no-http", action="store_true", help="serve no HTTP (an extra queue worker)")
+    parser.add_argument("--no-queues", action="store_true", help="run no queue triggers")
     parser.add_argument(
-        "--no-http", action="store_true", help="run only the queue triggers (an extra worker)"
+        "--no-timers",
+        action="store_true",
+        help="run no schedules (timer functions still run on demand: POST /admin/functions/{name})",
     )
-    parser.add_argument("--no-queues", action="store_true", help="serve only the HTTP triggers")
+    parser.add_argument(
+        "--app",
+        default="function_app:app",
+        help="MODULE:ATTRIBUTE of the FunctionApp to host (default function_app:app)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("azure").setLevel(logging.WARNING)
     sys.path.insert(0, str(ROOT))
-    from function_app import app  # imported here, as the host would, after settings are in place
+    module_name, _, attribute = args.app.partition(":")
+    # Imported here, as the host would, after the settings are in place.
+    app = getattr(importlib.import_module(module_name), attribute or "app")
 
-    host = LocalHost(app, QueueOptions.from_host_json(), os.environ["AzureWebJobsStorage"])
+    try:
+        host = LocalHost(app, QueueOptions.from_host_json(), os.environ.get("AzureWebJobsStorage", ""))
+    except HostConfigError as exc:
+        log.error("%s", exc)
+        sys.exit(1)
     port = None if args.no_http else host.serve_http(args.port)
     if port is not None and not os.environ.get("OFFBOARD_PUBLIC_BASE_URL"):
         # What the platform's WEBSITE_HOSTNAME is on Azure: where callers reach this host. The
@@ -359,13 +441,19 @@ def main(argv: list[str] | None = None) -> None:
         os.environ["OFFBOARD_PUBLIC_BASE_URL"] = f"http://127.0.0.1:{port}"
     if not args.no_queues:
         host.run_queues()
+    if not args.no_timers:
+        host.run_timers()
     # One JSON line on stdout tells a parent process (tests, demo, benchmark) we are ready.
     print(json.dumps({"ready": True, "port": port}), flush=True)
     try:
         threading.Event().wait()
     except KeyboardInterrupt:
         host.stop()
-        stats = {"invocations": host.invocations, "invocation_cpu_seconds": host.invocation_cpu_seconds}
+        stats = {
+            "invocations": host.invocations,
+            "invocation_cpu_seconds": host.invocation_cpu_seconds,
+            "timer_invocations": host.timers.invocations,
+        }
         print(json.dumps({"stopped": True, **stats}), flush=True)
 
 

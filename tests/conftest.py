@@ -58,8 +58,9 @@ def identity() -> Iterator[IdentityEndpoint]:
 
 @pytest.fixture
 def defender(identity: IdentityEndpoint) -> Iterator[DefenderSimulator]:
-    # Only tokens the identity endpoint really issued are accepted, as Defender would.
-    with DefenderSimulator(accept_token=lambda token: token in identity.tokens) as sim:
+    # Only tokens the identity endpoint really issued are accepted, as Defender would. Tests
+    # post random machine ids: any well-formed one is an onboarded PC (the fleet is there too).
+    with DefenderSimulator(accept_token=lambda token: token in identity.tokens, accept_any=True) as sim:
         yield sim
 
 
@@ -89,6 +90,9 @@ def app_env(
         "DEFENDER_CONNECT_TIMEOUT_SECONDS": "2",
         "DEFENDER_READ_TIMEOUT_SECONDS": "1",
         "RATE_LIMIT_TABLE_NAME": queue_name,  # each test spends its own Defender budget
+        # Timer triggers name their schedule by setting (%INTUNE_WATCH_SCHEDULE%), and the
+        # local host, like the real one, refuses to start a function whose setting is unset.
+        "INTUNE_WATCH_SCHEDULE": "0 */5 * * * *",
         **identity.env,
     }
 
@@ -189,11 +193,14 @@ class RunningHost:
 
 @pytest.fixture
 def local_host(app_env: dict[str, str]) -> Iterator[Callable[..., RunningHost]]:
-    """Starts `python -m localdev.host` with the test's settings (plus overrides)."""
+    """Starts `python -m localdev.host` with the test's settings (plus overrides). Schedules
+    do not run unless `timers=True`, so no timer fires in the middle of a test; timer
+    functions still run on demand (POST /admin/functions/{name} with the master key)."""
     started: list[RunningHost] = []
 
-    def start(*args: str, **overrides: str) -> RunningHost:
-        process, port, log = launch({**os.environ, **app_env, **overrides}, *args)
+    def start(*args: str, timers: bool = False, **overrides: str) -> RunningHost:
+        flags = args if timers else (*args, "--no-timers")
+        process, port, log = launch({**os.environ, **app_env, **overrides}, *flags)
         host = RunningHost(f"http://127.0.0.1:{port}", process, log)
         started.append(host)
         return host

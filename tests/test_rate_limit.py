@@ -321,7 +321,9 @@ def test_simulator_keys_calls_like_the_app() -> None:
 
 @pytest.fixture
 def limited_defender() -> Iterator[DefenderSimulator]:
-    with DefenderSimulator(rate_limits={"offboard": ((3, 60.0), (5, 3600.0))}, time_scale=60) as sim:
+    with DefenderSimulator(
+        rate_limits={"offboard": ((3, 60.0), (5, 3600.0))}, time_scale=60, accept_any=True
+    ) as sim:
         yield sim
 
 
@@ -472,7 +474,7 @@ def test_a_dry_run_spends_no_offboard_slot(
 
 
 def test_the_pipeline_spends_the_budget_without_a_429(local_host: Callable[..., RunningHost]) -> None:
-    with DefenderSimulator(rate_limits={"offboard": ((2, 2.0),)}) as limited:
+    with DefenderSimulator(rate_limits={"offboard": ((2, 2.0),)}, accept_any=True) as limited:
         host = local_host(
             DEFENDER_API_BASE_URL=limited.url,
             DEFENDER_OFFBOARD_RATE_LIMITS="2/2",
