@@ -262,7 +262,7 @@ class GraphSimulator(LoopbackServer):
         self.devices: dict[str, dict[str, Any]] = {
             s.id: managed_device(s.id, s.device_name, s.azure_ad_device_id, s.operating_system) for s in seeds
         }
-        self.events: list[dict[str, Any]] = []
+        self.events: list[Any] = []  # audit events (tests may add ones that are not)
         self._scripts: dict[str, deque[Reply | None]] = defaultdict(deque)
         self._snapshots: dict[str, list[dict[str, Any]]] = {}
         limits = GRAPH_RATE_LIMITS if rate_limits is None else rate_limits
@@ -326,11 +326,13 @@ class GraphSimulator(LoopbackServer):
             device = dict(device)
         if not log_event:
             return {}
-        return self.add_event(
-            audit_event(action, device, actor=actor, at=at, result=result, with_properties=with_properties)
+        event = audit_event(
+            action, device, actor=actor, at=at, result=result, with_properties=with_properties
         )
+        self.add_event(event)
+        return event
 
-    def add_event(self, event: dict[str, Any]) -> dict[str, Any]:
+    def add_event(self, event: Any) -> Any:
         with self._lock:
             self.events.append(event)
         return event
@@ -411,7 +413,7 @@ class GraphSimulator(LoopbackServer):
         with self._lock:
             if route == DEVICES:
                 return [dict(d) for d in self.devices.values()]  # $filter ignored, as Graph may
-            events = [dict(e) for e in self.events]
+            events = [dict(e) if isinstance(e, dict) else e for e in self.events]
         raw = query.get("$filter")
         if raw is not None:
             match = _AUDIT_FILTER.fullmatch(raw)
@@ -421,11 +423,20 @@ class GraphSimulator(LoopbackServer):
             events = [
                 e
                 for e in events
-                if (parse_stamp(e["activityDateTime"]) > since)
-                or (op == "ge" and parse_stamp(e["activityDateTime"]) == since)
+                if (at := _event_time(e)) is None or at > since or (op == "ge" and at == since)
             ]
-        # Newest first: the watcher has to sort what it reads.
-        return sorted(events, key=lambda e: parse_stamp(e["activityDateTime"]), reverse=True)
+        # Newest first: the watcher has to sort what it reads. An event a test made unreadable
+        # on purpose (no time) is always served, last.
+        oldest = datetime.min.replace(tzinfo=UTC)
+        return sorted(events, key=lambda e: _event_time(e) or oldest, reverse=True)
+
+
+def _event_time(event: Any) -> datetime | None:
+    value = event.get("activityDateTime") if isinstance(event, dict) else None
+    try:
+        return parse_stamp(value) if isinstance(value, str) else None
+    except ValueError:
+        return None
 
 
 def audit_event(
