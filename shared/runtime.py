@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 from .adapters.audit import Rejections
 from .adapters.breaker import BlastRadiusBreaker
@@ -38,6 +39,9 @@ from .worker.pacing import Pacer
 from .worker.recorder import Recorder
 from .worker.tagging import Tagger, Tagging
 from .worker.worker import Worker
+
+if TYPE_CHECKING:
+    from .watcher.run import Watcher
 
 # The Azure SDKs log every HTTP exchange (headers included) at INFO. Under the Functions
 # Python worker every record at INFO and above becomes a user log, paid per GB in
@@ -186,3 +190,11 @@ def worker() -> Worker:
 
     urls = PublicUrls(get_settings().public_base_url)
     return services().worker(lambda request_id: urls.status("", request_id) if urls.base else None)
+
+
+@lru_cache(maxsize=1)
+def watcher() -> Watcher:
+    """The Intune watcher of this process (the timer function intune_retirements)."""
+    from .watcher import build
+
+    return build(services())
