@@ -217,7 +217,9 @@ class Watcher:
             report.retried += read.retried
             if read.stop is not None:
                 report.stops.append(f"{read.what}: {read.stop.code} ({read.stop.message})")
-                # In the audit table once a day; in the log (by _read) every time.
+            if read.stop is not None and read.stop.code == "InvalidGraphPage":
+                # Bad input, in the audit table once a day; in the log (by _read) every time.
+                # Throttling and outages are the log's alone.
                 once_a_day = f"{read.what}:{read.stop.code}:{started:%Y%m%d}"
                 stopped = Skip(f"Graph {read.what}", read.stop.code, read.stop.message, once_a_day)
                 self._note(stopped, noted, checkpoint, started, log_it=False)
@@ -357,7 +359,11 @@ class Watcher:
             read.pages += 1
             read.items.extend(outcome.items)
             if outcome.skip is not None:
-                read.skips.append(replace(outcome.skip, item=f"a page of Graph {what}", fingerprint=""))
+                # Recorded once a day, like a read that stops: the next runs read it again.
+                once_a_day = f"{what}:{outcome.skip.code}:{self.clock():%Y%m%d}"
+                read.skips.append(
+                    replace(outcome.skip, item=f"a page of Graph {what}", fingerprint=once_a_day)
+                )
             link = outcome.next_link
             if link is None:
                 return read
@@ -418,6 +424,16 @@ class Watcher:
         checkpoint: Checkpoint,
         now: datetime,
     ) -> dict[str, Retirement]:
+        unusable = [r for r in ledger.values() if not r.settled and r.lookup is None]
+        if unusable:  # a row whose lookup no longer reads (changed by hand): never retried
+            fixed = [
+                (r, replace(r, settled=True, outcome="InvalidLedgerRow", error="its lookup is unreadable"))
+                for r in unusable
+            ]
+            ledger.update(self.store.update(fixed))
+            for _, row in fixed:
+                report.skipped[row.outcome or ""] += 1
+                self._record(row, noted, checkpoint, now)
         pending = sorted((r for r in ledger.values() if not r.settled and r.lookup), key=lambda r: r.at)
         for start in range(0, len(pending), BATCH):
             chunk = pending[start : start + BATCH]
