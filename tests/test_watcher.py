@@ -20,6 +20,7 @@ from localdev.fleet import FLEET
 from localdev.graph_sim import AUDIT, DEVICES, GraphSimulator, Reply, audit_event, seed_named
 from localdev.identity import IdentityEndpoint
 from shared.adapters.entities import Query
+from shared.domain.offboard import Caller
 from shared.domain.statuses import Status
 from shared.watcher import decide
 from shared.watcher.run import Watcher
@@ -76,6 +77,10 @@ def test_retired_wiped_and_deleted_devices_are_offboarded_exactly_once_each(
     w.graph.delete(MAC14.id)  # its record is gone at once; its event names it only by Intune id
     report = w.run()
     assert (report.found, report.opened, report.outcomes["Queued"]) == (3, 3, 3)
+    [batch_id] = report.batches  # named in the log line: operators follow it on the batch route
+    batch = w.services.listing().batch(batch_id, Caller("operator"))
+    assert (batch["format"], batch["caller"], batch["total"]) == ("intune-watcher", "intune-watcher", 3)
+    assert f"(batch {batch_id})" in report.line()
     w.deliver()
     assert sorted(w.offboarded()) == sorted([M_WS42, M_DESKTOP, M_MAC14])
     records = {r.comment.split(" (managed")[0]: r for r in w.records()}

@@ -130,6 +130,7 @@ class Report:
     waiting_until: datetime | None = None
     seconds: float = 0.0
     request_ids: list[str] = field(default_factory=list)
+    batches: list[str] = field(default_factory=list)  # GET /api/offboard/batches/{id} follows each
 
     def line(self) -> str:
         if self.waiting_until is not None and not self.calls:
@@ -143,7 +144,8 @@ class Report:
             f"Intune watcher ({self.mode}): {self.devices} devices, {self.events} audit events since "
             f"{decide.iso(self.since) if self.since else '-'}",
             f"{self.found} leaving ({self.opened} new)",
-            f"submitted {self.submitted}: {outcomes}",
+            f"submitted {self.submitted}: {outcomes}"
+            + (f" (batch {', '.join(self.batches)})" if self.batches else ""),
             f"skipped {sum(self.skipped.values())}" + (f" ({skipped})" if skipped else ""),
             f"deferred {self.deferred}",
             f"inventory {self.inventory_written} written",
@@ -447,7 +449,11 @@ class Watcher:
             ]
             answers: list[Answer | Refusal]
             try:
-                _, answers = self.submissions.accept(items, CALLER, batch=True, payload_format=PAYLOAD_FORMAT)
+                batch_id, answers = self.submissions.accept(
+                    items, CALLER, batch=True, payload_format=PAYLOAD_FORMAT
+                )
+                if batch_id:
+                    report.batches.append(batch_id)
             except Exception:
                 log.exception("Intune watcher: accepting %d retirement(s) failed", len(chunk))
                 answers = [ServiceUnavailable("StorageUnavailable", "accepting failed")] * len(chunk)
