@@ -102,6 +102,17 @@ class Host:
     def start(cls, env: dict[str, str], *args: str) -> Host:
         return cls(*launch(env, *args, log_prefix="bench-host-"))
 
+    def snapshot(self) -> dict[str, Any]:
+        """The host's counters so far, without stopping it (SIGUSR1 makes it print them)."""
+        assert self.process.stdout is not None
+        self.process.send_signal(signal.SIGUSR1)
+        while True:
+            line = self.process.stdout.readline()
+            if not line:
+                raise RuntimeError(f"a local host stopped before it answered (log: {self.log})")
+            if line.startswith(b"{") and json.loads(line).get("snapshot"):
+                return dict(json.loads(line))
+
     def stop(self, *, report: bool = True) -> dict[str, Any]:
         """Stops the host; with `report`, by Ctrl-C so it prints its queue invocations and
         their CPU first."""

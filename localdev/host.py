@@ -36,6 +36,7 @@ import json
 import logging
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -181,12 +182,12 @@ class LocalHost:
             return self._admin(method, path, headers, params, body)
         if not path.startswith("/api/"):
             return _error(404, "NotFound", "no such route")
-        for route in self.routes:
-            match = route.pattern.match(path.removeprefix("/api/"))
-            if not match:
-                continue
-            if route.methods and method not in route.methods:
-                return _error(405, "MethodNotAllowed", f"{method} is not allowed here")
+        matching = [(r, m) for r in self.routes if (m := r.pattern.match(path.removeprefix("/api/")))]
+        # Several functions may share a route with different methods (GET and POST /offboard).
+        allowed = [(r, m) for r, m in matching if not r.methods or method in r.methods]
+        if matching and not allowed:
+            return _error(405, "MethodNotAllowed", f"{method} is not allowed here")
+        for route, match in allowed[:1]:
             if not _authorised(route.auth_level, headers, params):
                 return func.HttpResponse(status_code=401)
             request = func.HttpRequest(
@@ -443,18 +444,28 @@ def main(argv: list[str] | None = None) -> None:
         host.run_queues()
     if not args.no_timers:
         host.run_timers()
+
+    def stats() -> dict[str, Any]:
+        from shared.adapters.transport import storage_requests
+
+        return {
+            "invocations": host.invocations,
+            "invocation_cpu_seconds": host.invocation_cpu_seconds,
+            "timer_invocations": host.timers.invocations,
+            # The app's own storage requests (its shared transport); the host's queue
+            # polling, receives and deletes are its own and not counted, as on Azure.
+            "storage_requests": storage_requests(),
+        }
+
+    # SIGUSR1: print the counters so far (the benchmark reads them between phases).
+    signal.signal(signal.SIGUSR1, lambda *_: print(json.dumps({"snapshot": True, **stats()}), flush=True))
     # One JSON line on stdout tells a parent process (tests, demo, benchmark) we are ready.
     print(json.dumps({"ready": True, "port": port}), flush=True)
     try:
         threading.Event().wait()
     except KeyboardInterrupt:
         host.stop()
-        stats = {
-            "invocations": host.invocations,
-            "invocation_cpu_seconds": host.invocation_cpu_seconds,
-            "timer_invocations": host.timers.invocations,
-        }
-        print(json.dumps({"stopped": True, **stats}), flush=True)
+        print(json.dumps({"stopped": True, **stats()}), flush=True)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import random
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -179,22 +180,43 @@ def quiet_sdk_logs(level: str) -> None:
         logging.getLogger(name).setLevel(level)
 
 
-@lru_cache(maxsize=1)
+# The first invocations of a cold instance arrive together (a batch of queue messages, a
+# burst of HTTP requests): without the lock each would build its own services, and with them
+# its own limiter, breaker cache and credential, racing each other for the same rows.
+_building = threading.Lock()
+
+
 def services() -> Services:
+    with _building:
+        return _services()
+
+
+def worker() -> Worker:
+    with _building:
+        return _worker()
+
+
+@lru_cache(maxsize=1)
+def _services() -> Services:
     return Services.build(get_settings())
 
 
 @lru_cache(maxsize=1)
-def worker() -> Worker:
+def _worker() -> Worker:
     from .http.responses import PublicUrls
 
     urls = PublicUrls(get_settings().public_base_url)
-    return services().worker(lambda request_id: urls.status("", request_id) if urls.base else None)
+    return _services().worker(lambda request_id: urls.status("", request_id) if urls.base else None)
+
+
+def watcher() -> Watcher:
+    """The Intune watcher of this process (the timer function intune_retirements)."""
+    with _building:
+        return _watcher()
 
 
 @lru_cache(maxsize=1)
-def watcher() -> Watcher:
-    """The Intune watcher of this process (the timer function intune_retirements)."""
+def _watcher() -> Watcher:
     from .watcher import build
 
-    return build(services())
+    return build(_services())

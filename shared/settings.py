@@ -216,7 +216,7 @@ class Settings:
             ),
             "tag_rate_limits": read("DEFENDER_TAG_RATE_LIMITS", DEFAULT_RATE_LIMITS, _rate_limits),
             "approval": read("OFFBOARD_APPROVAL", "breaker", _choice("breaker", "always")),
-            "hold_notify_url": read("OFFBOARD_HOLD_NOTIFY_URL", _EMPTY, _optional(_base_url)),
+            "hold_notify_url": read("OFFBOARD_HOLD_NOTIFY_URL", _EMPTY, _optional(_webhook_url)),
             "cancel": read("OFFBOARD_CANCEL", "any", _choice("any", "admin")),
             "public_base_url": read("OFFBOARD_PUBLIC_BASE_URL", _EMPTY, _optional(_public_base_url)),
             "operator_role": read("OFFBOARD_OPERATOR_ROLE", "Offboard.Operator", _role),
@@ -310,6 +310,20 @@ def _base_url(raw: str) -> str:
     if parts.query or parts.fragment or parts.username or parts.password:
         raise ValueError("must not carry credentials, a query or a fragment")
     return raw.rstrip("/")
+
+
+def _webhook_url(raw: str) -> str:
+    """A webhook to POST to: https (plain http only for loopback hosts), a query allowed (a
+    Logic App's or Teams workflow's trigger URL carries its signature there: the URL is a
+    secret, and never appears in a log or an error)."""
+    parts = urlsplit(raw)
+    if parts.scheme not in ("https", "http") or not parts.hostname:
+        raise ValueError("is not an absolute http(s) URL")
+    if parts.scheme == "http" and not _is_loopback(parts.hostname):
+        raise ValueError("must use https (plain http is allowed only for loopback hosts)")
+    if parts.username or parts.password or parts.fragment:
+        raise ValueError("must not carry a user name, a password or a fragment")
+    return raw
 
 
 def _scope(raw: str) -> str:

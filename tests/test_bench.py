@@ -104,7 +104,7 @@ def test_a_short_benchmark_prints_progress_the_table_the_json_line_and_draws(tmp
     result = subprocess.run(
         [
             str(ROOT / "scripts" / "bench"),
-            *("--workers", "1", "--requests", "8", "--minute-calls", "4"),
+            *("--only", "pacing", "--workers", "1", "--requests", "8", "--minute-calls", "4"),
             *("--plot", str(picture), "--progress-every", "1"),
         ],
         env=dict(os.environ),

@@ -15,7 +15,7 @@ import requests
 from ..domain.errors import ConnectionFailed, NoResponse
 from ..domain.messages import ACTION_ID, MACHINE_ID
 from .tokens import TokenProvider
-from .transport import needs_environment
+from .transport import ca_bundle, needs_environment
 
 USER_AGENT = "defender-offboard-function/1.0"
 
@@ -37,6 +37,7 @@ class DefenderClient:
         self._session = requests.Session()
         self._session.headers["User-Agent"] = USER_AGENT
         self._session.trust_env = needs_environment()
+        self._session.verify = ca_bundle()
 
     def warm_up(self, tenant: str | None = None) -> None:
         """Fetch (or reuse) the token now, so a call made right after starts on time."""

@@ -135,6 +135,8 @@ class Entities(Protocol):
 
     def replace(self, entity: Entity, etag: str) -> str: ...
 
+    def merge(self, entity: Entity, etag: str) -> str: ...
+
     def upsert(self, entity: Entity) -> str: ...
 
     def delete(self, partition: str, row: str, etag: str | None = None) -> None: ...
@@ -183,6 +185,22 @@ class TableEntities:
             return _etag(
                 self._client.update_entity(
                     entity, mode=UpdateMode.REPLACE, etag=etag, match_condition=MatchConditions.IfNotModified
+                )
+            )
+        except (ResourceModifiedError, ResourceNotFoundError) as exc:
+            raise EntityChanged(_where(entity)) from exc
+
+    def merge(self, entity: Entity, etag: str) -> str:
+        # One entity on its own: a plain conditional update costs a fraction of a one-entity
+        # transaction (the SDK builds a multipart body, with a thread pool per level).
+        from azure.core import MatchConditions
+        from azure.core.exceptions import ResourceModifiedError, ResourceNotFoundError
+        from azure.data.tables import UpdateMode
+
+        try:
+            return _etag(
+                self._client.update_entity(
+                    entity, mode=UpdateMode.MERGE, etag=etag, match_condition=MatchConditions.IfNotModified
                 )
             )
         except (ResourceModifiedError, ResourceNotFoundError) as exc:
@@ -309,6 +327,9 @@ class MemoryEntities:
 
     def replace(self, entity: Entity, etag: str) -> str:
         return self.transact([Write.replace(entity, etag)])[0]
+
+    def merge(self, entity: Entity, etag: str) -> str:
+        return self.transact([Write.merge(entity, etag)])[0]
 
     def upsert(self, entity: Entity) -> str:
         return self.transact([Write.upsert(entity)])[0]

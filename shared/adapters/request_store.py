@@ -247,12 +247,13 @@ class RequestStore:
             # A merge cannot remove a property, so a cleared field is stored empty.
             delta[_camel(name)] = _CLEARED.get(name, "") if value is None else _stored_value(value)
         subject = replace(about, **{k: v for k, v in changes.items() if k in ("machine_id", "tenant_id")})
-        writes = [Write.merge(delta, about.etag)]
         batched = ids.is_batched(about.request_id)
-        if event is not None and batched:
-            writes.append(Write.insert(_event_entity(subject, event)))
         try:
-            etag = self._entities.transact(writes)[0]
+            if event is not None and batched:
+                event_write = Write.insert(_event_entity(subject, event))
+                etag = self._entities.transact([Write.merge(delta, about.etag), event_write])[0]
+            else:
+                etag = self._entities.merge(delta, about.etag)
         except EntityChanged as exc:
             raise StaleRecord(about.request_id) from exc
         if event is not None and not batched:

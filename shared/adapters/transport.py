@@ -3,9 +3,10 @@
 Each azure-core client otherwise builds its own `requests.Session`, and `requests` then scans
 the process environment for proxy and certificate settings on every call (about 0.5 ms of
 CPU, more with every app setting). One shared transport keeps one connection pool per host
-and turns the scan off, unless the environment names a proxy or a CA bundle: then the scan
-stays on, so `HTTPS_PROXY`, `NO_PROXY` and `REQUESTS_CA_BUNDLE` keep working exactly as the
-SDK documents them (Functions apps rarely have one: VNet integration routes, it does not proxy).
+and turns the scan off. A CA bundle (`REQUESTS_CA_BUNDLE`, `CURL_CA_BUNDLE`) is read once,
+at start. When the environment names a proxy the scan stays on, so `HTTPS_PROXY` and
+`NO_PROXY` keep working exactly as the SDK documents them (Functions apps rarely have one:
+VNet integration routes traffic, it does not proxy it).
 
 The count (`storage_requests()`) is what the benchmark reports per offboarded request.
 """
@@ -19,14 +20,7 @@ from typing import Any
 
 from azure.core.pipeline.transport import RequestsTransport
 
-_ENVIRONMENT_SETTINGS = (
-    "http_proxy",
-    "https_proxy",
-    "all_proxy",
-    "no_proxy",
-    "requests_ca_bundle",
-    "curl_ca_bundle",
-)
+_PROXY_SETTINGS = ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
 _lock = threading.Lock()
 _requests = 0
 
@@ -40,14 +34,19 @@ class _CountingTransport(RequestsTransport):  # type: ignore[misc]  # azure-core
 
 
 def needs_environment() -> bool:
-    """Whether the process environment names a proxy or a CA bundle that HTTP calls must honour."""
-    return any(name.lower() in _ENVIRONMENT_SETTINGS for name in os.environ)
+    """Whether the process environment names a proxy that HTTP calls must honour."""
+    return any(name.lower() in _PROXY_SETTINGS for name in os.environ)
+
+
+def ca_bundle() -> str | bool:
+    """The CA bundle the environment names, read once (True: the default trust store)."""
+    return os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or True
 
 
 @lru_cache(maxsize=1)
 def shared_transport() -> RequestsTransport:
     """The process's one storage transport (built on first use, never at import)."""
-    return _CountingTransport(use_env_settings=needs_environment())
+    return _CountingTransport(use_env_settings=needs_environment(), connection_verify=ca_bundle())
 
 
 def storage_requests() -> int:

@@ -26,7 +26,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from azure.core.exceptions import AzureError
@@ -458,7 +458,7 @@ def heal(store: RequestStore, queue: WorkQueue, record: RequestRecord, now: floa
         healed = store.update(
             record,
             AuditEvent(audit.REQUEUED, detail="no worker had picked it up; its message was sent again"),
-            queued_at=utc_now_iso(),
+            queued_at=datetime.fromtimestamp(now, UTC).isoformat(timespec="seconds"),
         )
     except StaleRecord:
         return False  # someone touched it meanwhile: it is alive
@@ -483,8 +483,6 @@ def message_for(record: RequestRecord) -> OffboardMessage:
 
 
 def _epoch(iso: str) -> float:
-    from datetime import datetime
-
     return datetime.fromisoformat(iso).timestamp()
 
 

@@ -16,7 +16,7 @@ import requests
 
 from ..adapters.queues import WorkQueue
 from ..adapters.request_store import RequestStore
-from ..adapters.transport import needs_environment
+from ..adapters.transport import ca_bundle, needs_environment
 from ..domain.messages import NotifyMessage
 from ..domain.statuses import Status
 
@@ -36,6 +36,7 @@ class Notifier:
 
     def __post_init__(self) -> None:
         self.session.trust_env = needs_environment()
+        self.session.verify = ca_bundle()
 
     def handle(self, message: NotifyMessage) -> None:
         held = [

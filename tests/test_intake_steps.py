@@ -1,0 +1,304 @@
+"""Accepting requests, step by step, on the in-memory twins of storage (the same contracts as
+Azurite's, ETags and 412s included): guards and their leases, the breaker and approvals,
+idempotency, healing, tenants, principals. Milliseconds each; tests/test_request_state.py and
+the end-to-end tests prove the same on Azurite through the local host."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+import pytest
+
+from shared.adapters.guards import ACCEPT_LEASE, key_key, machine_key
+from shared.domain import ids
+from shared.domain.devices import Lookup
+from shared.domain.errors import IdempotencyKeyReused, InvalidInput, Refusal, RequestConflict
+from shared.domain.offboard import Caller, OffboardRequest
+from shared.domain.statuses import Status
+from shared.http.errors import status_of
+from shared.intake.reconcile import reconcile
+from shared.intake.submission import Answer, Item, Submissions
+from tests.conftest import MACHINE, Memory
+
+OTHER = "2f6cd0e8f524eee8a13d3a43f529813c95e1dd18"
+CALLER = Caller("agent:test")
+TENANT = "9f0e1d2c-3b4a-4596-8877-665544332211"
+
+
+class Clock:
+    def __init__(self, now: float = 2_000_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def intake(memory: Callable[..., Memory]) -> Callable[..., tuple[Memory, Submissions]]:
+    def make(**settings: str) -> tuple[Memory, Submissions]:
+        m = memory(**settings)
+        return m, m.services.submissions(lambda r: f"/api/offboard/{r}")
+
+    return make
+
+
+def submit(
+    submissions: Submissions, request: OffboardRequest, key: str | None = None, caller: Caller = CALLER
+) -> Answer:
+    return submissions.submit(request, caller, key)
+
+
+def refused(
+    submissions: Submissions, request: OffboardRequest, key: str | None = None, caller: Caller = CALLER
+) -> Refusal:
+    with pytest.raises(Refusal) as caught:
+        submissions.submit(request, caller, key)
+    return caught.value
+
+
+# ---- the normal path --------------------------------------------------------------------
+
+
+def test_a_request_is_four_storage_requests_and_its_message_carries_the_rows_etag(intake) -> None:
+    m, submissions = intake()
+    submit(submissions, OffboardRequest(OTHER, "warm the breaker's cache"))
+    sent, before = len(m.work.sent), m.state.requests
+    answer = submit(submissions, OffboardRequest(MACHINE, "IR-1"))
+    # guard, breaker, row with its events (one transaction), and the message
+    assert m.state.requests - before == 3 and len(m.work.sent) - sent == 1
+    message = m.work.sent[-1].json()
+    record = m.services.store.get(answer.body["requestId"])
+    assert record is not None and message["etag"] == record.etag and message["requestId"] == record.request_id
+    assert [e["event"] for e in m.services.store.events(record.request_id)] == ["Received", "Queued"]
+
+
+def test_a_batch_is_one_partition_one_transaction_per_33_items_and_a_batch_row(intake) -> None:
+    m, submissions = intake()
+    items = [Item(f"requests[{i}]", OffboardRequest(f"{i:040x}", "c")) for i in range(40)]
+    batch_id, answers = submissions.accept(items, CALLER)
+    assert batch_id is not None and ids.is_batch_id(batch_id)
+    assert all(isinstance(a, Answer) and a.status == 202 for a in answers)
+    request_ids = [a.body["requestId"] for a in answers if isinstance(a, Answer)]
+    assert all(ids.batch_of(r) == batch_id for r in request_ids)
+    listing, records = m.services.store.batch(batch_id)
+    assert listing is not None and [rid for _, rid in listing.items] == request_ids
+    assert set(records) == set(request_ids)
+
+
+# ---- one unfinished request per device ----------------------------------------------------
+
+
+def test_a_second_request_for_the_device_gets_the_first(intake) -> None:
+    m, submissions = intake()
+    first = submit(submissions, OffboardRequest(MACHINE, "a"))
+    again = submit(submissions, OffboardRequest(MACHINE, "b"))
+    assert again.body["requestId"] == first.body["requestId"] and again.body["existingRequest"] is True
+    assert len(m.work.sent) == 1
+
+
+def test_a_dry_run_never_stands_in_for_a_real_request(intake) -> None:
+    m, submissions = intake()
+    rehearsal = submit(submissions, OffboardRequest(MACHINE, "a", dry_run=True))
+    real = submit(submissions, OffboardRequest(MACHINE, "a"))
+    assert real.body["requestId"] != rehearsal.body["requestId"] and "existingRequest" not in real.body
+    assert "dryRun" not in real.body and len(m.work.sent) == 2
+
+
+def test_a_guard_left_by_a_dead_acceptor_is_taken_over_after_the_lease(intake) -> None:
+    m, submissions = intake()
+    clock = Clock()
+    m.services.guards._now = clock  # the guards' and the submission's clock, moved by hand
+    submissions.clock = clock
+    stranded = ids.request_id(ids.new_batch_id(), 1)
+    m.services.guards.take(machine_key(MACHINE), stranded, "dead-acceptor")  # then the process died
+    blocked = refused(submissions, OffboardRequest(MACHINE, "retry at once"))
+    assert status_of(blocked) == 409 and blocked.code == "RequestBeingAccepted"
+    clock.now += ACCEPT_LEASE + 1
+    answer = submit(submissions, OffboardRequest(MACHINE, "retry after the lease"))
+    assert answer.body["requestId"] != stranded and answer.body["status"] == "Queued"
+    # The dead acceptor's id is void: were it only slow, it could never write its row now.
+    voided = m.state.get(f"batch-{ids.batch_of(stranded)}", stranded)
+    assert voided is not None and voided["kind"] == "void"
+    assert m.services.store.get(stranded) is None
+
+
+def test_two_takers_of_one_stale_guard_cannot_both_win(intake) -> None:
+    m, submissions = intake()
+    clock = Clock()
+    m.services.guards._now = clock
+    submissions.clock = clock
+    m.services.guards.take(machine_key(MACHINE), ids.request_id(ids.new_batch_id(), 1), "dead")
+    clock.now += ACCEPT_LEASE + 1
+    found = m.services.guards.read(machine_key(MACHINE))
+    assert found is not None
+    assert m.services.guards.take_over(machine_key(MACHINE), found, "a", "taker-a", None) is not None
+    assert m.services.guards.take_over(machine_key(MACHINE), found, "b", "taker-b", None) is None
+
+
+def test_a_request_written_without_its_message_is_healed_by_the_next_request(intake) -> None:
+    m, submissions = intake()
+    clock = Clock()
+    submissions.clock = clock
+    m.work.fail_next = 1  # the acceptor "dies" between the row and the message
+    with pytest.raises(Refusal):
+        submit(submissions, OffboardRequest(MACHINE, "lost message"))
+    # A failed send frees the device at once; a crash (no chance to free it) is the case below.
+    assert submit(submissions, OffboardRequest(MACHINE, "again")).body["status"] == "Queued"
+
+
+def test_a_stranded_queued_row_gets_its_message_from_a_retry_or_the_reconciler(intake) -> None:
+    m, submissions = intake()
+    first = submit(submissions, OffboardRequest(MACHINE, "c"), key="playbook-run-7")
+    m.work.sent.clear()  # the acceptor died after the row, before the message
+    record = m.services.store.get(first.body["requestId"])
+    assert record is not None and record.untouched()
+    now = ids.created_at(record.request_id) + ACCEPT_LEASE + 5
+    submissions.clock = Clock(now)
+    replayed = submit(submissions, OffboardRequest(MACHINE, "c"), key="playbook-run-7")
+    assert replayed.body["requestId"] == record.request_id and replayed.body["replayed"] is True
+    [healed] = m.work.bodies()
+    assert healed["requestId"] == record.request_id
+    # Healed once: the row says so, so another finder sends nothing more.
+    assert submit(submissions, OffboardRequest(MACHINE, "c"), key="playbook-run-7").body["replayed"]
+    assert len(m.work.sent) == 1
+    # Nobody asks: the reconciler finds it (after the lease) and sends one.
+    m.work.sent.clear()
+    record = m.services.store.get(record.request_id)
+    assert record is not None
+    assert reconcile(m.services.store, m.services.queue, now + 3 * ACCEPT_LEASE) == 1
+    assert len(m.work.sent) == 1
+
+
+# ---- idempotency keys ---------------------------------------------------------------------
+
+
+def test_a_key_replays_the_first_answer_and_refuses_another_request(intake) -> None:
+    m, submissions = intake()
+    first = submit(submissions, OffboardRequest(MACHINE, "c"), key="k1")
+    again = submit(submissions, OffboardRequest(MACHINE, "c"), key="k1")
+    assert again.body == {**first.body, "replayed": True}
+    reused = refused(submissions, OffboardRequest(OTHER, "c"), key="k1")
+    assert isinstance(reused, IdempotencyKeyReused) and status_of(reused) == 422
+    assert len(m.work.sent) == 1
+
+
+def test_a_key_whose_first_use_died_is_a_first_try_after_the_lease_never_409_forever(intake) -> None:
+    m, submissions = intake()
+    clock = Clock()
+    m.services.guards._now = clock
+    submissions.clock = clock
+    fingerprint = OffboardRequest(MACHINE, "c").fingerprint
+    m.services.guards.take(key_key("", "k2"), ids.request_id(ids.new_batch_id(), 1), "dead", fingerprint)
+    in_progress = refused(submissions, OffboardRequest(MACHINE, "c"), key="k2")
+    assert isinstance(in_progress, RequestConflict) and in_progress.code == "IdempotentRequestInProgress"
+    clock.now += ACCEPT_LEASE + 1
+    answer = submit(submissions, OffboardRequest(MACHINE, "c"), key="k2")
+    assert answer.status == 202 and "replayed" not in answer.body
+    assert submit(submissions, OffboardRequest(MACHINE, "c"), key="k2").body["replayed"] is True
+
+
+def test_a_key_answered_by_an_older_version_is_replayed(intake) -> None:
+    m, submissions = intake()
+    body = {"requestId": "6fa240ec-e2bc-4e35-a722-2edb01bb2028", "machineId": MACHINE, "status": "Queued"}
+    where = key_key("", "legacy-key")
+    m.state.insert(
+        {
+            "PartitionKey": where[0],
+            "RowKey": where[1],
+            "fingerprint": OffboardRequest(MACHINE, "c").fingerprint,
+            "status": 202,
+            "body": json.dumps(body),
+        }
+    )
+    assert submit(submissions, OffboardRequest(MACHINE, "c"), key="legacy-key").body == {
+        **body,
+        "replayed": True,
+    }
+
+
+def test_keys_are_scoped_to_the_principal(intake) -> None:
+    _m, submissions = intake()
+    alice = Caller("principal:alice", principal="a1", scoped=True)
+    bob = Caller("principal:bob", principal="b2", scoped=True)
+    first = submit(submissions, OffboardRequest(MACHINE, "c"), key="run-1", caller=alice)
+    # Bob's "run-1" is his own key: it neither replays Alice's answer nor learns her request.
+    other = refused(submissions, OffboardRequest(MACHINE, "c"), key="run-1", caller=bob)
+    assert other.code == "RequestByAnotherCaller" and first.body["requestId"] not in other.message
+
+
+# ---- the breaker and approvals ------------------------------------------------------------
+
+
+def test_the_breaker_holds_what_is_over_its_limit_with_the_reason(intake) -> None:
+    m, submissions = intake(OFFBOARD_BREAKER_LIMIT="2")
+    items = [Item(f"requests[{i}]", OffboardRequest(f"{i:040x}", "c")) for i in range(3)]
+    _, answers = submissions.accept(items, CALLER)
+    statuses = [a.body["status"] for a in answers if isinstance(a, Answer)]
+    assert statuses == ["Queued", "Queued", "Held"]
+    held = answers[2]
+    assert isinstance(held, Answer) and held.body["heldReason"]["code"] == "BreakerTripped"
+    assert "2 offboards accepted in the last 3600s (limit 2)" in held.body["heldReason"]["message"]
+    assert "master key" in held.body["heldReason"]["message"]
+    kinds = [b["type"] for b in m.work.bodies()]
+    assert kinds.count("offboard") == 2 and kinds.count("hold-expiry") == 1
+
+
+def test_approval_always_holds_every_real_request_and_no_rehearsal(intake) -> None:
+    m, submissions = intake(OFFBOARD_APPROVAL="always")
+    real = submit(submissions, OffboardRequest(MACHINE, "c"))
+    rehearsal = submit(submissions, OffboardRequest(OTHER, "c", dry_run=True))
+    assert real.body["status"] == "Held" and real.body["heldReason"]["code"] == "ApprovalRequired"
+    assert rehearsal.body["status"] == "Queued"
+    record = m.services.store.get(real.body["requestId"])
+    assert record is not None and record.status == Status.HELD
+
+
+def test_a_notification_is_queued_once_per_call_that_held_something(intake) -> None:
+    m, submissions = intake(OFFBOARD_APPROVAL="always", OFFBOARD_HOLD_NOTIFY_URL="http://127.0.0.1:9/hook")
+    items = [Item(f"requests[{i}]", OffboardRequest(f"{i:040x}", "c")) for i in range(3)]
+    submissions.accept(items, CALLER)
+    [notify] = [b for b in m.work.bodies() if b["type"] == "notify"]
+    assert len(notify["requestIds"]) == 3
+
+
+# ---- tenants ------------------------------------------------------------------------------
+
+
+def test_a_tenant_not_listed_is_refused_and_changes_nothing(intake) -> None:
+    m, submissions = intake()
+    before = m.state.requests
+    refusal = refused(submissions, OffboardRequest(MACHINE, "c", tenant_id=TENANT))
+    assert isinstance(refusal, InvalidInput) and refusal.code == "TenantNotAllowed"
+    assert m.state.requests == before and m.work.sent == []
+
+
+def test_each_tenant_has_its_own_device_guard_and_breaker(intake) -> None:
+    m, submissions = intake(
+        OFFBOARD_TENANTS=TENANT,
+        MULTITENANT_APP_CLIENT_ID="5e6f7a8b-0000-4000-8000-000000000003",
+        MANAGED_IDENTITY_CLIENT_ID="0f1e2d3c-0000-4000-8000-000000000001",
+        OFFBOARD_BREAKER_LIMIT="1",
+    )
+    home = submit(submissions, OffboardRequest(MACHINE, "c"))
+    customer = submit(submissions, OffboardRequest(MACHINE, "c", tenant_id=TENANT))
+    assert customer.body["requestId"] != home.body["requestId"] and customer.body["tenantId"] == TENANT
+    assert home.body["status"] == customer.body["status"] == "Queued"  # one breaker each
+    record = m.services.store.get(customer.body["requestId"])
+    assert record is not None and record.tenant_id == TENANT
+    assert m.work.bodies()[-1]["tenantId"] == TENANT
+
+
+# ---- lookups ------------------------------------------------------------------------------
+
+
+def test_a_request_by_name_answers_with_its_lookup(intake) -> None:
+    m, submissions = intake()
+    lookup = Lookup.of("deviceName", "WS-0042.contoso.com")
+    answer = submit(submissions, OffboardRequest(None, "c", lookup))
+    assert answer.body["machineId"] is None and answer.body["lookup"] == {
+        "by": "deviceName",
+        "value": "ws-0042.contoso.com",
+    }
+    [message] = m.work.bodies()
+    assert message["lookup"] == answer.body["lookup"] and "machineId" not in message

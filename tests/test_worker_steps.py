@@ -1,0 +1,166 @@
+"""The worker's steps on the in-memory twins of storage, with the real credential and the
+Defender simulator over loopback: each guarantee in milliseconds. tests/test_worker.py,
+tests/test_request_state.py and the end-to-end tests prove the same on Azurite."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+import pytest
+
+from localdev.defender_sim import DefenderSimulator, Reply
+from shared.domain.devices import Lookup
+from shared.domain.offboard import Caller, OffboardRequest
+from shared.domain.records import RequestRecord
+from shared.domain.statuses import Status
+from shared.worker.tagging import Tagger
+from tests.conftest import MACHINE, Memory, adopt, events
+
+OTHER = "2f6cd0e8f524eee8a13d3a43f529813c95e1dd18"
+
+
+@pytest.fixture
+def m(memory: Callable[..., Memory]) -> Memory:
+    return memory()
+
+
+def record(m: Memory, request_id: str) -> RequestRecord:
+    found = m.services.store.get(request_id)
+    assert found is not None
+    return found
+
+
+def test_a_first_delivery_is_five_storage_requests_and_claims_without_reading(
+    m: Memory, defender: DefenderSimulator
+) -> None:
+    worker = m.services.worker()
+    worker.process(adopt(m.services, machine_id=OTHER))  # warm the budgets' cache
+    message = adopt(m.services)
+    requests = m.state.requests + m.services.budgets.requests  # type: ignore[attr-defined]
+    sent = len(m.work.sent)
+    worker.process(message, "delivery-1")
+    used = m.state.requests + m.services.budgets.requests - requests  # type: ignore[attr-defined]
+    # two budget writes (the precheck's read, the offboard), the claim, the Submitted row with
+    # its event, and the status check's message
+    assert used + len(m.work.sent) - sent == 5
+    assert record(m, message.request_id).status == Status.SUBMITTED
+    assert len(defender.offboard_calls(MACHINE)) == 1
+
+
+def test_a_cancel_before_the_claim_wins_and_nothing_is_called(m: Memory, defender: DefenderSimulator) -> None:
+    message = adopt(m.services)
+    answer = m.services.cancellations().cancel(message.request_id, "wrong device", Caller("agent:test"))
+    assert answer.body["status"] == "Cancelled"
+    m.services.worker().process(message, "delivery-1")  # its ETag is stale: it reads and stops
+    assert defender.offboard_calls() == []
+    assert events(m.services, message.request_id)[-1] == "Duplicate"
+
+
+def test_a_redelivery_that_finds_its_own_claim_looks_before_calling_again(
+    m: Memory, defender: DefenderSimulator
+) -> None:
+    message = adopt(m.services)
+    # The first delivery claimed the row and reached Defender, then its process died.
+    now = datetime.now(UTC).isoformat()
+    m.services.store.change(
+        record(m, message.request_id), None, claimed_by="delivery-1", claimed_attempt=1, claimed_at=now
+    )
+    action = defender.new_action(MACHINE, message.comment)
+    m.services.worker().process(message, "delivery-1")  # the host delivers it again
+    assert defender.offboard_calls() == []  # no second offboard call
+    done = record(m, message.request_id)
+    assert done.status == Status.SUBMITTED and done.action_id == action["id"]
+
+
+def test_a_redelivery_whose_first_try_never_reached_defender_calls_once(
+    m: Memory, defender: DefenderSimulator
+) -> None:
+    message = adopt(m.services)
+    now = datetime.now(UTC).isoformat()
+    m.services.store.change(
+        record(m, message.request_id), None, claimed_by="delivery-1", claimed_attempt=1, claimed_at=now
+    )
+    m.services.worker().process(message, "delivery-1")
+    assert len(defender.offboard_calls()) == 1
+    assert record(m, message.request_id).status == Status.SUBMITTED
+
+
+def test_requests_by_name_and_by_id_for_one_machine_are_one_request(
+    m: Memory, defender: DefenderSimulator
+) -> None:
+    defender.add_machine(MACHINE, computer_dns_name="ws-0042.contoso.com")
+    submissions = m.services.submissions(lambda r: r)
+    by_id = submissions.submit(OffboardRequest(MACHINE, "by id"), Caller("agent:a")).body["requestId"]
+    lookup = Lookup.of("deviceName", "ws-0042.contoso.com")
+    by_name = submissions.submit(OffboardRequest(None, "by name", lookup), Caller("agent:b")).body[
+        "requestId"
+    ]
+    worker = m.services.worker()
+    [by_name_message] = [s for s in m.work.due() if by_name in s.text]
+    worker.handle(by_name_message.text.encode(), "delivery-2")
+    duplicate = record(m, by_name)
+    assert duplicate.status == Status.REJECTED and duplicate.last_error_code == "DuplicateRequest"
+    assert duplicate.duplicate_of == by_id and duplicate.machine_id == MACHINE
+    assert defender.offboard_calls() == []  # the request by id offboards it, once
+
+
+def test_a_far_slot_re_queues_the_message_with_its_slot_and_marks_the_row(
+    memory: Callable[..., Memory], defender: DefenderSimulator
+) -> None:
+    m = memory(DEFENDER_OFFBOARD_RATE_LIMITS="1/60", RATE_LIMIT_MAX_INLINE_WAIT_SECONDS="0")
+    worker = m.services.worker()
+    worker.process(adopt(m.services, machine_id=OTHER))  # spends the minute's only slot
+    message = adopt(m.services)
+    m.work.sent.clear()
+    worker.process(message, "delivery-1")
+    [paced] = m.work.bodies()
+    waiting = record(m, message.request_id)
+    assert paced["slotAt"] > 0 and paced["prechecked"] is True and paced["etag"] == waiting.etag
+    assert waiting.status == Status.QUEUED and waiting.next_attempt_at and not waiting.untouched()
+    assert len(defender.offboard_calls(MACHINE)) == 0
+
+
+def test_a_check_that_finds_nothing_changed_writes_nothing(m: Memory, defender: DefenderSimulator) -> None:
+    defender.action_progression = ["Pending"]  # an offline device: Pending for days
+    worker = m.services.worker()
+    message = adopt(m.services)
+    worker.process(message)
+    [first] = m.work.sent
+    m.work.sent.clear()
+    worker.handle(first.text.encode(), "check-1")  # Submitted -> Pending: a change, written
+    assert record(m, message.request_id).status == Status.PENDING
+    [second] = m.work.sent
+    m.work.sent.clear()
+    before = m.state.requests
+    worker.handle(second.text.encode(), "check-2")  # still Pending
+    assert m.state.requests == before  # no read, no write of the row
+    assert [b["check"] for b in m.work.bodies()] == [3]
+
+
+def test_a_retry_after_longer_than_the_window_is_capped_there(
+    memory: Callable[..., Memory], defender: DefenderSimulator, caplog: pytest.LogCaptureFixture
+) -> None:
+    m = memory(DEFENDER_OFFBOARD_RATE_LIMITS="100/60,1500/3600")
+    defender.script(MACHINE, Reply.error(429, "TooManyRequests", **{"Retry-After": "604800"}))
+    message = adopt(m.services)
+    m.services.worker().process(message)
+    [retry] = m.work.sent
+    assert retry.visible_at - m.work.clock() <= 3601  # an hour, not a week
+    assert m.services.limiter.reserve("offboard") <= 3601  # and the shared back-off likewise
+    assert "'604800'" in caplog.text and "longer than its longest rate-limit window" in caplog.text
+
+
+def test_machines_offboarded_together_are_tagged_in_one_message(m: Memory) -> None:
+    tagger = Tagger("Offboarded-by-automation", m.services.queue, gather_seconds=0.5)
+    machines = [f"{i:040x}" for i in range(5)]
+    threads = [
+        threading.Thread(target=tagger.add, args=(mid, f"r{i}", None)) for i, mid in enumerate(machines)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    [message] = m.work.bodies()
+    assert message["type"] == "tag" and sorted(message["machineIds"]) == machines
