@@ -207,6 +207,19 @@ def reconcile(timer: func.TimerRequest) -> None:
     run(services.store, services.queue, services.guards.lease)
 
 
+@app.timer_trigger(arg_name="timer", schedule="%INTUNE_WATCH_SCHEDULE%", use_monitor=False)
+def intune_retirements(timer: func.TimerRequest) -> None:
+    """On INTUNE_WATCH_SCHEDULE, when INTUNE_WATCH_ENABLED: Intune devices being retired,
+    wiped or deleted, read from Microsoft Graph, become offboard requests (INTUNE_WATCH_MODE
+    offboard) or dry runs (report) through the same intake as every caller (shared/watcher/)."""
+    from shared import runtime
+    from shared.settings import get_settings
+
+    if not get_settings().intune_watch_enabled:
+        return
+    runtime.watcher().run()
+
+
 def _query(params: dict[str, str]) -> str:
     from urllib.parse import urlencode
 

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 from .adapters.audit import Rejections
 from .adapters.breaker import BlastRadiusBreaker
@@ -39,6 +40,9 @@ from .worker.pacing import Pacer
 from .worker.recorder import Recorder
 from .worker.tagging import Tagger, Tagging
 from .worker.worker import Worker
+
+if TYPE_CHECKING:
+    from .watcher.run import Watcher
 
 # The Azure SDKs log every HTTP exchange (headers included) at INFO. Under the Functions
 # Python worker every record at INFO and above becomes a user log, paid per GB in
@@ -203,3 +207,16 @@ def _worker() -> Worker:
 
     urls = PublicUrls(get_settings().public_base_url)
     return _services().worker(lambda request_id: urls.status("", request_id) if urls.base else None)
+
+
+def watcher() -> Watcher:
+    """The Intune watcher of this process (the timer function intune_retirements)."""
+    with _building:
+        return _watcher()
+
+
+@lru_cache(maxsize=1)
+def _watcher() -> Watcher:
+    from .watcher import build
+
+    return build(_services())
