@@ -221,7 +221,10 @@ def test_a_csv_is_submitted_once_and_running_it_again_creates_nothing_new(
     )
     assert again.code == 0, again.text
     document = again.json()
-    assert document["batchIds"] == []  # no batch, so no request, was created
+    # No request was created: the run's one batch lists the first run's requests.
+    [replayed_batch] = document["batchIds"]
+    listed = cli(stack.service, "--json", "status", replayed_batch).json()["requests"]
+    assert sorted(v["requestId"] for v in listed) == sorted(request_ids)
     assert [r["status"] for r in document["rows"]] == ["replayed"] * 3
     assert [r["requestId"] for r in results(out)] == request_ids
     assert [r["status"] for r in results(out)] == ["replayed"] * 3
