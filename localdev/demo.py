@@ -44,6 +44,7 @@ from shared.settings import SettingsError
 from .azurite import Azurite
 from .defender_sim import DefenderSimulator, Reply
 from .fleet import FLEET, SAMPLE_MACHINE, SHARED_NAME, fleet_table
+from .graph_sim import SEEDS, GraphSimulator
 from .host import LOCAL_FUNCTION_KEY, LOCAL_MASTER_KEY
 from .identity import IdentityEndpoint
 from .local_settings import layered, validate, wired
@@ -62,6 +63,7 @@ THROTTLED_MACHINE = fleet_id("desktop-7f3k2.contoso.com")
 MAC13_MACHINE = fleet_id("mac-finance-02.contoso.com")
 TIER0_MACHINE = fleet_id("dc-02.corp.contoso.com")
 BATCH = ("srv-files-01.corp.contoso.com", "lnx-build-11.corp.contoso.com")
+GRAPH_SEEDS = {seed.device_name: seed.id for seed in SEEDS}
 
 
 def say(text: str) -> None:
@@ -190,14 +192,17 @@ def run(args: argparse.Namespace, env: dict[str, str], azurite: Azurite, progres
         identity = stack.enter_context(IdentityEndpoint())
         # Only tokens the identity endpoint issued are accepted, as Defender would.
         defender = stack.enter_context(DefenderSimulator(accept_token=lambda token: token in identity.tokens))
+        graph = stack.enter_context(GraphSimulator(accept_token=lambda token: token in identity.tokens))
         say(f"Azurite on ports {azurite.ports}")
         say(f"Managed-identity endpoint {identity.url}")
         say(f"Defender simulator {defender.url}, with its fleet (any other machine id answers 404):")
         print("\n".join(f"    {line}" for line in fleet_table().splitlines()), flush=True)
+        say(f"Microsoft Graph simulator {graph.url}, with Intune devices matching the fleet")
         wiring = {
             **identity.env,
             "AzureWebJobsStorage": azurite.connection_string,
             "DEFENDER_API_BASE_URL": defender.url,
+            "GRAPH_API_BASE_URL": graph.url,
         }
         host = subprocess.Popen(
             [sys.executable, "-m", "localdev.host", "--port", str(args.port)],
@@ -214,17 +219,17 @@ def run(args: argparse.Namespace, env: dict[str, str], azurite: Azurite, progres
         base = f"http://127.0.0.1:{ready['port']}"
         say(f"Local Functions host serving {base}/api (function key: {LOCAL_FUNCTION_KEY})")
         if not args.no_samples:
-            run_samples(base, defender)
+            run_samples(base, defender, graph)
         progress.samples_done = True
         if args.serve:
-            serve(base)
+            serve(base, graph.url)
             status = host.wait()
             print(f"The local host exited by itself (status {status}); see its log above.", file=sys.stderr)
             return 1
     return 0
 
 
-def serve(base: str) -> None:
+def serve(base: str, graph: str) -> None:
     say(
         "Serving. Try:\n"
         f"    curl -i -X POST '{base}/api/offboard?code={LOCAL_FUNCTION_KEY}' \\\n"
@@ -232,6 +237,8 @@ def serve(base: str) -> None:
         f'         -d \'{{"machineId": "{SAMPLE_MACHINE}"}}\'\n'
         "    Any machine id or name from the fleet above works, e.g. "
         '\'{"deviceName": "srv-files-01.corp.contoso.com"}\'.\n'
+        "    Retire a device in the simulated Intune; the watcher offboards it within ten seconds:\n"
+        f"    curl -X POST {graph}/sim/devices/{GRAPH_SEEDS['mac-design-07']}/retire\n"
         "    Run a timer function now (the admin API, master key):\n"
         f"    curl -i -X POST '{base}/admin/functions/<name>' -H 'x-functions-key: {LOCAL_MASTER_KEY}' \\\n"
         "         -H 'Content-Type: application/json' -d '{\"input\": \"\"}'\n"
@@ -277,7 +284,7 @@ def offboard(base: str, body: dict[str, str], headers: dict[str, str]) -> reques
     return requests.post(f"{base}/api/offboard", json=body, headers=headers, timeout=10)
 
 
-def run_samples(base: str, defender: DefenderSimulator) -> None:
+def run_samples(base: str, defender: DefenderSimulator, graph: GraphSimulator) -> None:
     headers = {"x-functions-key": LOCAL_FUNCTION_KEY}
     say(f"POST /api/offboard for machine {SAMPLE_MACHINE} (ws-0042, Windows 11)")
     response = offboard(
@@ -317,6 +324,15 @@ def run_samples(base: str, defender: DefenderSimulator) -> None:
     answer = requests.post(f"{base}/api/offboard", json=batch, headers=headers, timeout=10).json()
     print(f"    202 batchId {answer['batchId']}: {[r['status'] for r in answer['results']]}")
     follow_batch(base, answer["batchId"], headers)
+
+    say("Intune: an administrator retires mac-design-07; the watcher (every 10 s) offboards it")
+    graph.retire(GRAPH_SEEDS["mac-design-07"], actor="intune-admin@contoso.com")
+    retired = fleet_id("mac-design-07.contoso.com")
+    [call] = defender.wait_for_calls(1, retired, timeout=40)
+    listed = requests.get(f"{base}/api/offboard", params={"machineId": retired}, headers=headers, timeout=10)
+    [request] = listed.json()["requests"]
+    print(f"    request {request['requestId'][:8]}... by {request['caller']}: {request['comment']}")
+    follow(base, request["requestId"], headers)
 
     say("Bad input is refused before anything is queued")
     response = offboard(base, {"machineId": "../admin"}, headers)

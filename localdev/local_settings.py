@@ -10,7 +10,8 @@ Lowest to highest precedence:
 5. the loopback wiring, which must win or nothing would reach the local fakes:
    `AzureWebJobsStorage` (Azurite; any `AzureWebJobsStorage__*` identity-form setting is
    dropped, as it would contradict the connection string), `IDENTITY_ENDPOINT` and
-   `IDENTITY_HEADER` (the managed-identity endpoint), `DEFENDER_API_BASE_URL` (the simulator).
+   `IDENTITY_HEADER` (the managed-identity endpoint), `DEFENDER_API_BASE_URL` and
+   `GRAPH_API_BASE_URL` (the simulators).
 """
 
 from __future__ import annotations
@@ -29,10 +30,18 @@ DEMO_DEFAULTS = {
     "OFFBOARD_CHECK_INITIAL_SECONDS": "1",
     "OFFBOARD_CHECK_MAX_SECONDS": "2",
     "OFFBOARD_PROTECTED_TAGS": "Tier0",
+    # The Intune watcher reads the Graph simulator every ten seconds and offboards what an
+    # administrator retires, wipes or deletes there (the samples retire one device).
+    "INTUNE_WATCH_ENABLED": "true",
+    "INTUNE_WATCH_MODE": "offboard",
+    "INTUNE_WATCH_SCHEDULE": "*/10 * * * * *",
 }
 _STORAGE_IDENTITY_FORM = "AzureWebJobsStorage__"
 # Stands in for the wiring's URLs when the settings are checked before anything has started.
-_PLACEHOLDER_WIRING = {"DEFENDER_API_BASE_URL": "http://127.0.0.1:1"}
+_PLACEHOLDER_WIRING = {
+    "DEFENDER_API_BASE_URL": "http://127.0.0.1:1",
+    "GRAPH_API_BASE_URL": "http://127.0.0.1:1",
+}
 
 
 def read_values(path: Path) -> dict[str, str]:
