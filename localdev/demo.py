@@ -300,7 +300,10 @@ def run_samples(base: str, defender: DefenderSimulator, graph: GraphSimulator) -
     follow(base, response.json()["requestId"], headers)
 
     say(f"Defender throttles machine {THROTTLED_MACHINE} (desktop-7f3k2) once (429, Retry-After: 3)")
-    defender.script(THROTTLED_MACHINE, Reply.error(429, "TooManyRequests", **{"Retry-After": "3"}))
+    throttled = Reply.error(
+        429, "TooManyRequests", "Rate limit is exceeded. Try again later.", **{"Retry-After": "3"}
+    )
+    defender.script(THROTTLED_MACHINE, throttled)
     offboard(base, {"machineId": THROTTLED_MACHINE}, headers)
     first, second = defender.wait_for_calls(2, THROTTLED_MACHINE, timeout=30)
     waited = second.at - first.at
