@@ -193,7 +193,10 @@ def offboard_worker(msg: func.QueueMessage) -> None:
         # On its last delivery the host moves the message to poison unchanged; say so on the
         # request first, or its status would read "Queued" forever.
         if dequeue_count >= MAX_DEQUEUE_COUNT:
-            runtime.worker().give_up(msg.get_body(), f"{type(exc).__name__}: {str(exc)[:300]}")
+            try:
+                runtime.worker().give_up(msg.get_body(), f"{type(exc).__name__}: {str(exc)[:300]}")
+            except Exception:  # e.g. the settings are broken: the host still poisons the message
+                log.exception("Could not record the failure on the request before its message is poisoned")
         raise
 
 

@@ -16,6 +16,7 @@ from functools import lru_cache
 from typing import NamedTuple, TypeVar
 from urllib.parse import urlsplit
 
+from .domain.offboard import comment_problem
 from .storage_settings import StorageAccess, StorageSettingsError
 
 DEFAULT_COMMENT = "Offboarded by automation (Defender offboarding service)"
@@ -44,7 +45,8 @@ class RateWindow(NamedTuple):
 @dataclass(frozen=True)
 class Tenant:
     """A customer tenant this deployment may offboard in (OFFBOARD_TENANTS), with its own
-    protection where OFFBOARD_PROTECTED_TAGS__<id> / OFFBOARD_PROTECTED_GROUP_IDS__<id> say so."""
+    protection where OFFBOARD_PROTECTED_TAGS__<id> / OFFBOARD_PROTECTED_GROUP_IDS__<id> say so
+    (<id> with underscores for its hyphens: App Service setting names cannot hold hyphens)."""
 
     id: str
     name: str | None = None
@@ -173,8 +175,8 @@ class Settings:
             "defender_scope": read(
                 "DEFENDER_API_SCOPE", "https://api.securitycenter.microsoft.com/.default", _scope
             ),
-            "managed_identity_client_id": env.get("MANAGED_IDENTITY_CLIENT_ID", "").strip() or None,
-            "default_comment": read("OFFBOARD_DEFAULT_COMMENT", DEFAULT_COMMENT, str),
+            "managed_identity_client_id": read("MANAGED_IDENTITY_CLIENT_ID", _EMPTY, _optional(_guid)),
+            "default_comment": read("OFFBOARD_DEFAULT_COMMENT", DEFAULT_COMMENT, _default_comment),
             "max_attempts": read("OFFBOARD_MAX_ATTEMPTS", "8", _bounded_int(1, 100)),
             "retry_base_seconds": read("OFFBOARD_RETRY_BASE_SECONDS", "30", _bounded_float(0, 86_400)),
             "retry_max_seconds": read("OFFBOARD_RETRY_MAX_SECONDS", "3600", _bounded_float(0, 604_800)),
@@ -238,7 +240,11 @@ class Settings:
                 "OFFBOARD_TOKEN_EXCHANGE_AUDIENCE", "api://AzureADTokenExchange", _audience
             ),
         }
-        if values["tenants"] and not problems:
+        for name in ("OFFBOARD_QUEUE_NAME", "INTUNE_WATCH_SCHEDULE"):
+            # The Functions host reads these (%NAME% in a binding) exactly as written.
+            if env.get(name, "") != env.get(name, "").strip():
+                problems.append(f"{name}: remove the spaces around it (the Functions host reads it as is)")
+        if values["tenants"]:
             # Customer tenants are reached as the multi-tenant app, whose credential is a token
             # of the user-assigned identity: without either, no tenant could ever work.
             for name, key in (
@@ -270,7 +276,6 @@ def _queue_name(raw: str) -> str:
 def _table_name(raw: str) -> str:
     if not _TABLE_NAME.fullmatch(raw) or raw.lower() == "tables":
         raise ValueError(
-            f"{raw!r} is not a valid table name (3-63 letters and digits, starting with a letter)"
             f"{raw!r} is not a valid table name (3-63 letters or digits, starting with a letter)"
         )
     return raw
@@ -441,6 +446,14 @@ def _guid(raw: str) -> str:
     return raw.lower()
 
 
+def _default_comment(raw: str) -> str:
+    """The comment Defender records when a caller gives none: the callers' own rules."""
+    problem = comment_problem(raw)
+    if problem:
+        raise ValueError(problem)
+    return raw
+
+
 def _role(raw: str) -> str:
     if not _ROLE.fullmatch(raw):
         raise ValueError(f"{raw!r} is not an app role value (letters, digits, dots, hyphens, underscores)")
@@ -487,10 +500,40 @@ def _platform_rules(raw: str) -> tuple[tuple[str, str], ...]:
     return tuple(rules)
 
 
+_PER_TENANT = {
+    "OFFBOARD_PROTECTED_TAGS": ("protected_tags", _tags),
+    "OFFBOARD_PROTECTED_GROUP_IDS": ("protected_group_ids", _group_ids),
+}
+
+
+def _overrides(env: Mapping[str, str], problems: list[str]) -> dict[str, dict[str, str]]:
+    """The per-tenant settings present, by tenant id then setting, each name as written.
+
+    The tenant id in a name is written with underscores for its hyphens (App Service setting
+    names may hold only letters, digits, periods and underscores); hyphens work too, locally.
+    """
+    found: dict[str, dict[str, str]] = {}
+    for name in env:
+        setting, separator, suffix = name.partition("__")
+        if not separator or setting.upper() not in _PER_TENANT:
+            continue
+        tenant_id = suffix.replace("_", "-").lower()
+        if not _GUID.fullmatch(tenant_id):
+            problems.append(f"{name}: {suffix!r} is not a tenant id (a GUID, with _ or - between its parts)")
+            continue
+        found.setdefault(tenant_id, {})[setting.upper()] = name
+    return found
+
+
 def _tenants(env: Mapping[str, str], problems: list[str]) -> tuple[Tenant, ...]:
     """OFFBOARD_TENANTS: `tenantId[=Display name],...`; per tenant, optional
-    OFFBOARD_PROTECTED_TAGS__<tenantId> and OFFBOARD_PROTECTED_GROUP_IDS__<tenantId>."""
+    OFFBOARD_PROTECTED_TAGS__<tenantId> and OFFBOARD_PROTECTED_GROUP_IDS__<tenantId>.
+
+    An override for a tenant that is not listed is an error, not ignored: a mistyped id
+    would otherwise leave the tenant meant without the protection its operator asked for.
+    """
     raw = env.get("OFFBOARD_TENANTS", "").strip()
+    overrides_of = _overrides(env, problems)
     tenants: list[Tenant] = []
     for item in _items(raw) if raw else []:
         tenant_id, _, name = (part.strip() for part in item.partition("="))
@@ -505,18 +548,15 @@ def _tenants(env: Mapping[str, str], problems: list[str]) -> tuple[Tenant, ...]:
             problems.append(f"OFFBOARD_TENANTS: {tenant_id} is listed twice")
             continue
         overrides: dict[str, object] = {}
-        for setting, key, parse in (
-            ("OFFBOARD_PROTECTED_TAGS", "protected_tags", _tags),
-            ("OFFBOARD_PROTECTED_GROUP_IDS", "protected_group_ids", _group_ids),
-        ):
-            name_in_env = next((n for n in env if n.lower() == f"{setting}__{tenant_id}".lower()), None)
-            if name_in_env is None:
-                continue
+        for setting, name_in_env in overrides_of.pop(tenant_id, {}).items():
+            key, parse = _PER_TENANT[setting]
             try:
                 overrides[key] = parse(env[name_in_env].strip() or _EMPTY)
             except ValueError as exc:
                 problems.append(f"{name_in_env}: {exc}")
         tenants.append(Tenant(tenant_id, name or None, **overrides))  # type: ignore[arg-type]
+    for names in overrides_of.values():
+        problems.extend(f"{n}: names a tenant that OFFBOARD_TENANTS does not list" for n in names.values())
     return tuple(tenants)
 
 

@@ -184,38 +184,53 @@ def test_every_sample_setting_is_set_by_the_template() -> None:
             assert name in flex and name in consumption, f"{name} is not set by the template"
 
 
-# App settings the README names that the template deliberately does not write, and why.
+# App settings the docs name that the template deliberately does not write, and why.
 NOT_SET_BY_THE_TEMPLATE = {
     "AzureWebJobsStorage": "the template uses the identity form (no connection string, no key)",
     "AzureWebJobsStorage__accountName": "the template gives the service URIs, right in every cloud",
     "AzureWebJobsStorage__clientId": "storage uses the system-assigned identity",
+    "WEBSITE_HOSTNAME": "set by the platform (read-only): the app only reads it",
+    "WEBSITE_AUTH_ENABLED": "set by the platform when App Service authentication is on",
 }
+SETTINGS_DOC = ROOT / "docs" / "settings.md"
+# The heading of docs/settings.md's one section whose table is never deployed (scripts/run-local).
+LOCAL_ONLY = "Local only"
 _SETTING_NAME = r"[A-Za-z][A-Za-z0-9_]*"
 
 
-def readme_section(text: str, heading: str) -> str:
-    """The body of the README section `## <heading>`, up to the next `## ` heading."""
-    match = re.search(rf"^## {re.escape(heading)}\n(.*?)(?=^## |\Z)", text, re.MULTILINE | re.DOTALL)
-    assert match, f"the README has no '## {heading}' section"
-    return match[1]
+def sections(text: str) -> list[tuple[str, str]]:
+    """Each `## ` section of a markdown page: its heading and its body, up to the next `## `."""
+    return re.findall(r"^## ([^\n]+)\n(.*?)(?=^## |\Z)", text, re.MULTILINE | re.DOTALL)
 
 
-def settings_the_readme_asks_for(text: str) -> set[str]:
-    """Every app setting the README asks operators to set:
+def first_cell_names(body: str) -> set[str]:
+    """The backticked names in the first cell of each table row. A name with a placeholder,
+    such as `OFFBOARD_PROTECTED_TAGS__<tenantId>`, is per tenant and does not match."""
+    names: set[str] = set()
+    for line in body.splitlines():
+        if line.startswith("|") and not re.match(r"\|\s*:?-", line):
+            names |= set(re.findall(rf"`({_SETTING_NAME})`", line.split("|")[1]))
+    return names
 
-    - each backticked name in the first cell of a row of the `## Settings` table (a name with a
-      placeholder, such as `OFFBOARD_PROTECTED_TAGS__<tenantId>`, is per tenant: skipped), and
-    - anywhere, a backticked name followed by the words "app setting", as in host.json's
+
+def settings_the_docs_ask_for(settings_doc: str, pages: list[str]) -> set[str]:
+    """Every app setting the docs ask operators to set:
+
+    - each name in the first cell of a table row of docs/settings.md, except in its one
+      section headed `## Local only...` (what scripts/run-local sets), and
+    - in any page, a backticked name followed by the words "app setting", as in the README's
       "set the Python worker's `PYTHON_THREADPOOL_THREAD_COUNT` app setting to `32`".
     """
-    names = set()
-    for line in readme_section(text, "Settings").splitlines():
-        if line.startswith("|") and not line.startswith("|---"):
-            first_cell = line.split("|")[1]
-            names |= set(re.findall(rf"`({_SETTING_NAME})`", first_cell))
-    names.discard("name")  # the header row
-    flowing = " ".join(text.split())
-    names |= set(re.findall(rf"`({_SETTING_NAME})` app settings?\b", flowing))
+    found = sections(settings_doc)
+    local = [heading for heading, _ in found if heading.startswith(LOCAL_ONLY)]
+    assert len(local) == 1, f"docs/settings.md must have one '## {LOCAL_ONLY}...' section, has {len(local)}"
+    names: set[str] = set()
+    for heading, body in found:
+        if not heading.startswith(LOCAL_ONLY):
+            names |= first_cell_names(body)
+    for page in pages:
+        flowing = " ".join(page.split())
+        names |= set(re.findall(rf"`({_SETTING_NAME})` app settings?\b", flowing))
     return names
 
 
@@ -227,13 +242,45 @@ def every_setting_the_template_can_write() -> set[str]:
     return written
 
 
-def test_every_setting_the_readme_asks_for_is_set_by_the_template() -> None:
-    asked = settings_the_readme_asks_for(README)
+# One setting from each table of docs/settings.md, and the README's host.json phrase.
+_ONE_OF_EACH_TABLE = {
+    "OFFBOARD_QUEUE_NAME",
+    "DEFENDER_API_BASE_URL",
+    "OFFBOARD_TENANTS",
+    "OFFBOARD_MAX_ATTEMPTS",
+    "OFFBOARD_PROTECTED_TAGS",
+    "OFFBOARD_APPROVAL",
+    "DEFENDER_OFFBOARD_RATE_LIMITS",
+    "INTUNE_WATCH_SCHEDULE",
+    "OFFBOARD_PUBLIC_BASE_URL",
+    "OFFBOARD_SDK_LOG_LEVEL",
+    "AzureWebJobsFeatureFlags",
+    "PYTHON_THREADPOOL_THREAD_COUNT",
+}
+
+
+def test_every_setting_the_docs_ask_for_is_set_by_the_template() -> None:
+    pages = [README, *(page.read_text() for page in sorted((ROOT / "docs").glob("*.md")))]
+    asked = settings_the_docs_ask_for(SETTINGS_DOC.read_text(), pages)
     # A renamed section or a reformatted table must fail here, not pass with nothing to check.
-    assert len(asked) >= 30 and {"OFFBOARD_QUEUE_NAME", "PYTHON_THREADPOOL_THREAD_COUNT"} <= asked
+    assert len(asked) >= 60, f"only {len(asked)} settings found in the docs"
+    assert sorted(_ONE_OF_EACH_TABLE - asked) == [], "a table of docs/settings.md is no longer read"
     missing = asked - every_setting_the_template_can_write() - set(NOT_SET_BY_THE_TEMPLATE)
-    assert sorted(missing) == [], "the README asks for app settings the template never writes"
-    assert set(NOT_SET_BY_THE_TEMPLATE) <= asked, "an exception the README no longer mentions"
+    assert sorted(missing) == [], "the docs ask for app settings the template never writes"
+    assert set(NOT_SET_BY_THE_TEMPLATE) <= asked, "an exception the docs no longer mention"
+
+
+def test_the_docs_reader_skips_what_it_should() -> None:
+    doc = (
+        "## Guardrails\n\n| name | default | meaning |\n|---|---|---|\n"
+        "| `OFFBOARD_DENY_LIST` | empty | ... |\n| `OFFBOARD_PROTECTED_TAGS__<tenantId>` | unset | ... |\n"
+        "## Local only: what scripts/run-local sets\n\n| local only | value | why |\n|---|---|---|\n"
+        "| `IDENTITY_ENDPOINT`, `IDENTITY_HEADER` | loopback | ... |\n"
+    )
+    page = "set the `PYTHON_THREADPOOL_THREAD_COUNT`\napp setting; the `WEBSITE_HOSTNAME` host name"
+    assert settings_the_docs_ask_for(doc, [page]) == {"OFFBOARD_DENY_LIST", "PYTHON_THREADPOOL_THREAD_COUNT"}
+    with pytest.raises(AssertionError, match="one '## Local only"):
+        settings_the_docs_ask_for(doc.replace("## Local only", "## Locally"), [])
 
 
 @pytest.mark.parametrize("enabled", [False, True])
@@ -461,7 +508,7 @@ def test_additional_app_settings_survive_a_redeployment_and_win() -> None:
     # audience must come from the template too, or they vanish at the next deployment.
     changed_scope = "https://api-gov.securitycenter.microsoft.us/api/.default"
     extra = {
-        f"OFFBOARD_PROTECTED_TAGS__{CUSTOMER_TENANT}": "Crown-Jewels,VIP",
+        f"OFFBOARD_PROTECTED_TAGS__{CUSTOMER_TENANT.replace('-', '_')}": "Crown-Jewels,VIP",
         "DEFENDER_API_SCOPE": changed_scope,
     }
     deployed = template_app_settings(

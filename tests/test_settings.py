@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from shared.settings import DEFAULT_COMMENT, Settings, SettingsError
@@ -122,3 +124,71 @@ def test_tenants_are_listed_with_names_and_their_own_protection() -> None:
 def test_new_settings_that_do_not_parse_are_named(extra: dict[str, str], named: str) -> None:
     with pytest.raises(SettingsError, match=named):
         Settings.from_env({**MINIMAL, **extra})
+
+
+TENANT = "9f0e1d2c-3b4a-4596-8877-665544332211"
+TENANT_SETTINGS = {
+    "OFFBOARD_TENANTS": TENANT,
+    "MULTITENANT_APP_CLIENT_ID": "5e6f7a8b-0000-4000-8000-000000000003",
+    "MANAGED_IDENTITY_CLIENT_ID": "0f1e2d3c-0000-4000-8000-000000000001",
+}
+
+
+def test_a_per_tenant_setting_names_its_tenant_with_underscores_as_app_service_requires() -> None:
+    # App Service setting names hold only letters, digits, periods and underscores.
+    underscored = TENANT.replace("-", "_").upper()
+    s = Settings.from_env(
+        {
+            **MINIMAL,
+            **TENANT_SETTINGS,
+            f"OFFBOARD_PROTECTED_TAGS__{underscored}": "Crown-Jewels",
+            f"OFFBOARD_PROTECTED_GROUP_IDS__{TENANT}": "7",
+        }
+    )
+    assert s.tenants[0].protected_tags == ("Crown-Jewels",) and s.tenants[0].protected_group_ids == (7,)
+
+
+@pytest.mark.parametrize(
+    ("name", "says"),
+    [
+        ("OFFBOARD_PROTECTED_TAGS__1a2b3c4d_0000_4000_8000_000000000002", "does not list"),
+        ("OFFBOARD_PROTECTED_GROUP_IDS__contoso", "is not a tenant id"),
+    ],
+)
+def test_a_per_tenant_setting_for_no_listed_tenant_is_refused_not_ignored(name: str, says: str) -> None:
+    # A mistyped id would otherwise leave the tenant meant without the protection asked for.
+    with pytest.raises(SettingsError, match=f"{name}: .*{says}"):
+        Settings.from_env({**MINIMAL, **TENANT_SETTINGS, name: "Tier0"})
+
+
+def test_every_problem_is_reported_at_once_tenants_included() -> None:
+    with pytest.raises(SettingsError) as raised:
+        Settings.from_env({**MINIMAL, "OFFBOARD_MAX_ATTEMPTS": "0", "OFFBOARD_TENANTS": TENANT})
+    text = str(raised.value)
+    assert "OFFBOARD_MAX_ATTEMPTS" in text and "MULTITENANT_APP_CLIENT_ID is required" in text
+
+
+@pytest.mark.parametrize(
+    ("extra", "says"),
+    [
+        (
+            {"MANAGED_IDENTITY_CLIENT_ID": "anything-goes"},
+            "MANAGED_IDENTITY_CLIENT_ID: 'anything-goes' is not a GUID",
+        ),
+        ({"OFFBOARD_DEFAULT_COMMENT": "x" * 1001}, "OFFBOARD_DEFAULT_COMMENT: is over 1000 characters"),
+        ({"OFFBOARD_DEFAULT_COMMENT": "bell\a"}, "OFFBOARD_DEFAULT_COMMENT: contains control characters"),
+        ({"OFFBOARD_QUEUE_NAME": " offboard-requests"}, "OFFBOARD_QUEUE_NAME: remove the spaces"),
+        ({"INTUNE_WATCH_SCHEDULE": "0 */5 * * * * "}, "INTUNE_WATCH_SCHEDULE: remove the spaces"),
+    ],
+)
+def test_settings_the_app_could_only_fail_on_later_are_refused_at_start(
+    extra: dict[str, str], says: str
+) -> None:
+    with pytest.raises(SettingsError, match=re.escape(says)):
+        Settings.from_env({**MINIMAL, **extra})
+
+
+def test_a_bad_table_name_is_explained_once() -> None:
+    with pytest.raises(SettingsError) as raised:
+        Settings.from_env({**MINIMAL, "OFFBOARD_STATE_TABLE_NAME": "ab"})
+    assert str(raised.value).count("is not a valid table name") == 1

@@ -6,6 +6,8 @@ import dataclasses
 import time
 from collections.abc import Callable
 
+import pytest
+
 from localdev.defender_sim import DefenderSimulator, Reply
 from localdev.identity import IdentityEndpoint
 from shared.domain.messages import OffboardMessage
@@ -167,3 +169,29 @@ def test_the_worker_knows_the_hosts_dequeue_limit() -> None:
 
     host = json.loads((Path(__file__).parent.parent / "host.json").read_text())
     assert host["extensions"]["queues"]["maxDequeueCount"] == function_app.MAX_DEQUEUE_COUNT
+
+
+def test_broken_settings_on_the_last_delivery_still_leave_the_poisoning_to_the_host(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # With the settings broken the failure cannot be written on the request either; the
+    # function must still raise the original error (so the host poisons the message) and say
+    # in the log that the request was left as it was.
+    from azure.functions.queue import QueueMessage
+
+    import function_app
+    from shared import runtime
+    from shared.settings import SettingsError, get_settings
+
+    monkeypatch.setenv("OFFBOARD_MAX_ATTEMPTS", "0")
+    for cache in (get_settings, runtime._services, runtime._worker):
+        cache.cache_clear()
+    try:
+        last = function_app.MAX_DEQUEUE_COUNT
+        message = QueueMessage(id="m-1", body=b"{}", dequeue_count=last)  # type: ignore[no-untyped-call]
+        with pytest.raises(SettingsError, match="OFFBOARD_MAX_ATTEMPTS"):
+            function_app.offboard_worker(message)
+        assert "Could not record the failure on the request" in caplog.text
+    finally:
+        for cache in (get_settings, runtime._services, runtime._worker):
+            cache.cache_clear()

@@ -4,9 +4,23 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 
 from .devices import Lookup
+
+# Defender records the comment on the machine action; these are the callers' rules for it.
+MAX_COMMENT_CHARS = 1000
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")  # tab and newlines allowed
+
+
+def comment_problem(text: str) -> str | None:
+    """What is wrong with a comment, or None when Defender may record it as it is."""
+    if len(text) > MAX_COMMENT_CHARS:
+        return f"is over {MAX_COMMENT_CHARS} characters"
+    if CONTROL_CHARACTERS.search(text):
+        return "contains control characters"
+    return None
 
 
 @dataclass(frozen=True)

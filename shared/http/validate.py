@@ -17,12 +17,11 @@ from typing import Any
 
 from ..domain.errors import InvalidInput, PayloadTooLarge
 from ..domain.messages import REQUEST_ID, TENANT_ID
+from ..domain.offboard import CONTROL_CHARACTERS, MAX_COMMENT_CHARS, comment_problem
 
 MAX_BODY_BYTES = 64 * 1024
-MAX_COMMENT_CHARS = 1000
 # ASCII only: `[0-9a-fA-F]` never matches look-alike digits or letters from other scripts.
 _MACHINE_ID = re.compile(r"[0-9a-fA-F]{40}")
-_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 MAX_KEY_CHARS = 200
 _KEY = re.compile(rf"[\x20-\x7e]{{1,{MAX_KEY_CHARS}}}")
 
@@ -118,17 +117,16 @@ def comment_of(value: Any, default: str) -> str:
         return default
     if not isinstance(value, str):
         raise InvalidInput("InvalidComment", "comment must be a string")
-    if len(value) > MAX_COMMENT_CHARS:
-        raise InvalidInput("InvalidComment", f"comment is over {MAX_COMMENT_CHARS} characters")
-    if _CONTROL.search(value):
-        raise InvalidInput("InvalidComment", "comment contains control characters")
+    problem = comment_problem(value)
+    if problem:
+        raise InvalidInput("InvalidComment", f"comment {problem}")
     return value.strip() or default
 
 
 def generated_comment(text: str, default: str) -> str:
     """A comment this app composes from a caller's fields (incident title, device name): made
     to fit the comment rules instead of refusing the request for a long incident title."""
-    return _CONTROL.sub("?", text)[:MAX_COMMENT_CHARS].strip() or default
+    return CONTROL_CHARACTERS.sub("?", text)[:MAX_COMMENT_CHARS].strip() or default
 
 
 class _DuplicateKey(ValueError):
