@@ -31,8 +31,10 @@ Where: --url URL or OFFBOARD_URL (the app's base URL, https://<app>.azurewebsite
 --local for the stack `scripts/run-local --serve` starts (http://127.0.0.1:7071, its fixed
 local keys; --port for another port). Keys: OFFBOARD_KEY (a function key) and, for
 `release` only, OFFBOARD_ADMIN_KEY (the master key); when unset, they are asked for at a
-prompt and never echoed. Keys are never taken from the command line, written to a file or
-printed.
+prompt and never echoed. With App Service authentication on, OFFBOARD_TOKEN carries an
+Entra ID access token for the app as well (az account get-access-token --resource
+api://<app id> --query accessToken -o tsv). Keys and tokens are never taken from the
+command line, written to a file or printed.
 
 exit codes: 0 done (every row accepted; with --wait every row Succeeded or DryRun),
             1 some row refused or not successful (or an id not found),
@@ -293,6 +295,7 @@ def _run(
             retries=retries,
             sleep=sleep,
             what_key="master key" if admin else "function key",
+            token=place.token(env),
         )
 
     if args.command == "submit":

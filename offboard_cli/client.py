@@ -61,6 +61,7 @@ class Client:
         backoff_seconds: float = BACKOFF_SECONDS,
         sleep: Callable[[float], None] = time.sleep,
         what_key: str = "function key",
+        token: Secret | None = None,
     ) -> None:
         self.base_url = base_url
         self.retries = retries
@@ -73,6 +74,8 @@ class Client:
         self._session.headers.update(
             {"Accept": "application/json", "User-Agent": user_agent(), "x-functions-key": key.reveal()}
         )
+        if token is not None:  # App Service authentication: who is asking, besides the key
+            self._session.headers["Authorization"] = f"Bearer {token.reveal()}"
 
     def get(self, path: str, params: Mapping[str, str] | None = None) -> Reply:
         return self._send("GET", self.base_url + path, params=params)

@@ -31,7 +31,7 @@ class Secret:
             _known.add(value)
 
     def reveal(self) -> str:
-        """The key itself: only for the `x-functions-key` header."""
+        """The key itself: only for the `x-functions-key` (or `Authorization`) header."""
         return self._value
 
     def __repr__(self) -> str:

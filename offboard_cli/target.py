@@ -9,6 +9,7 @@ equal to it). Keys come from `OFFBOARD_KEY` / `OFFBOARD_ADMIN_KEY` or a prompt (
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -20,6 +21,7 @@ LOCAL_HOST = "127.0.0.1"
 LOCAL_PORT = 7071
 LOCAL_FUNCTION_KEY = "local-function-key"
 LOCAL_MASTER_KEY = "local-master-key"
+_TOKEN = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_.-]*")
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,19 @@ class Where:
         if self.local:
             return Secret(LOCAL_FUNCTION_KEY)
         return read_key("OFFBOARD_KEY", "function key", environ, prompt=self.prompt)
+
+    def token(self, environ: Mapping[str, str]) -> Secret | None:
+        """OFFBOARD_TOKEN: an Entra ID access token for the app, when App Service
+        authentication is on (docs/security.md); sent besides the key, which is still needed."""
+        value = environ.get("OFFBOARD_TOKEN", "").strip()
+        if not value:
+            return None
+        if not _TOKEN.fullmatch(value):
+            raise UsageError(
+                "OFFBOARD_TOKEN is not an access token (a JWT: letters, digits, '-', '_', '.'), "
+                "e.g. az account get-access-token --resource api://<app id> --query accessToken -o tsv"
+            )
+        return Secret(value)
 
     def master_key(self, environ: Mapping[str, str]) -> Secret:
         if self.local:

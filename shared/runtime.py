@@ -126,7 +126,7 @@ class Services:
         return Cancellations(self.store, self.defender)
 
     def listing(self) -> Listing:
-        return Listing(self.store)
+        return Listing(self.store, self.rejections)
 
     def worker(self, status_url: Callable[[str], str | None] = lambda _: None) -> Worker:
         s = self.settings
@@ -176,8 +176,11 @@ class Services:
 
 
 def quiet_sdk_logs(level: str) -> None:
+    number = logging.getLevelName(level)
     for name in SDK_LOGGERS:
-        logging.getLogger(name).setLevel(level)
+        # urllib3 logs every request line, query included, at DEBUG: the hold-notify webhook's
+        # URL carries its signature there, so urllib3 never logs below INFO.
+        logging.getLogger(name).setLevel(max(number, logging.INFO) if name == "urllib3" else number)
 
 
 # The first invocations of a cold instance arrive together (a batch of queue messages, a

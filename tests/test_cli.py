@@ -323,6 +323,23 @@ def test_a_batch_whose_answer_was_lost_is_sent_again_and_makes_no_second_request
     assert [v["machineId"] for v in listed] == [device]
 
 
+def test_behind_app_service_authentication_the_token_goes_with_every_call_and_is_never_shown(
+    stack: Stack, tmp_path: Path
+) -> None:
+    token = "eyJ0eXAiOiJKV1QifQ.eyJhdWQiOiJhcGk6Ly9vZmZib2FyZCJ9.c2lnbmF0dXJlLW5vdC1zaG93bg"
+    devices = tmp_path / "devices.txt"
+    devices.write_text(f"{machine()}\n")
+    with AnswerLosingProxy(stack.service.url, lose=0, token=token) as gate:
+        where = {"OFFBOARD_URL": gate.url, "OFFBOARD_KEY": LOCAL_FUNCTION_KEY}
+        refused = cli(None, "submit", str(devices), **where)
+        assert refused.code == 3  # no token: the platform refuses before the app sees it
+        run = cli(None, "submit", str(devices), "--wait", **where, OFFBOARD_TOKEN=token)
+        bad = cli(None, "held", **where, OFFBOARD_TOKEN="not a token")
+    assert run.code == 0, run.text
+    assert token not in run.text and token not in refused.text
+    assert bad.code == 2 and "OFFBOARD_TOKEN is not an access token" in bad.stderr
+
+
 # ---- exit 3 ----------------------------------------------------------------------------------
 
 
@@ -595,11 +612,13 @@ def test_wait_on_a_terminal_draws_a_live_bar_with_counts(stack: Stack, tmp_path:
 
 class AnswerLosingProxy(LoopbackServer):
     """Forwards every request to `upstream`; the first `lose` POSTs are answered 502 after
-    the service has accepted them."""
+    the service has accepted them. With `token`, it stands in for App Service authentication
+    set to answer 401: a request without that bearer token gets 401 and an empty body."""
 
-    def __init__(self, upstream: str, lose: int) -> None:
+    def __init__(self, upstream: str, lose: int, token: str | None = None) -> None:
         self.upstream = upstream
         self.lose = lose
+        self.token = token
         self.lost = 0
         self.posts = 0
         self.seen: list[tuple[str, str, str | None]] = []  # method, path, x-functions-key
@@ -610,6 +629,8 @@ class _ProxyHandler(QuietHandler):
     def _forward(self) -> None:
         proxy = cast(AnswerLosingProxy, self.server.owner)  # type: ignore[attr-defined]
         proxy.seen.append((self.command, self.path, self.headers.get("x-functions-key")))
+        if proxy.token and self.headers.get("Authorization") != f"Bearer {proxy.token}":
+            return self.send(401)
         headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length")}
         answer = requests.request(
             self.command, proxy.upstream + self.path, headers=headers, data=self.read_body(), timeout=10

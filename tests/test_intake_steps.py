@@ -103,6 +103,9 @@ def test_a_dry_run_never_stands_in_for_a_real_request(intake) -> None:
     real = submit(submissions, OffboardRequest(MACHINE, "a"))
     assert real.body["requestId"] != rehearsal.body["requestId"] and "existingRequest" not in real.body
     assert "dryRun" not in real.body and len(m.work.sent) == 2
+    again = submit(submissions, OffboardRequest(MACHINE, "a", dry_run=True))
+    # The unfinished rehearsal answers, and says it is one.
+    assert again.body["requestId"] == rehearsal.body["requestId"] and again.body["dryRun"] is True
 
 
 def test_a_guard_left_by_a_dead_acceptor_is_taken_over_after_the_lease(intake) -> None:
@@ -326,3 +329,18 @@ def test_a_replay_names_the_device_as_the_caller_did_even_once_resolved(intake) 
     m.services.store.update(record, machine_id=MACHINE)  # the worker resolved it since
     again = submit(submissions, OffboardRequest(None, "c", lookup), key="k")
     assert again.body == {**first.body, "replayed": True}
+
+
+def test_refusals_are_in_the_audit_export_only_for_callers_who_see_every_request(intake) -> None:
+    import time
+
+    m, _ = intake()
+    m.services.rejections.record("agent:curl", "InvalidMachineId", "machineId must be 40 hex characters")
+    listing = m.services.listing()
+    since = time.time() - 60
+    alice = Caller("alice@contoso.com", principal="alice-oid", scoped=True)
+    operator = Caller("ops@contoso.com", principal="ops-oid", operator=True, scoped=True)
+    for caller, seen in ((CALLER, 1), (operator, 1), (alice, 0)):
+        events = listing.events_since(since, caller)
+        assert [e["outcome"] for e in events if e["event"] == "Rejected"] == ["InvalidMachineId"] * seen
+    assert listing.events_since(time.time() + 1, CALLER) == []  # before `since`: not in it

@@ -118,3 +118,16 @@ def test_the_sdk_loggers_are_left_alone_at_import() -> None:
     importlib.reload(function_app)
     assert logging.getLogger("azure").level == logging.NOTSET  # set on first use, not at import
     logging.getLogger("azure").setLevel(logging.WARNING)
+
+
+def test_debugging_the_sdks_never_logs_request_lines_with_their_query() -> None:
+    # urllib3 logs each request line, query included, at DEBUG: the hold-notify webhook's URL
+    # carries its signature in the query, so DEBUG for the SDKs stops short of urllib3's.
+    from shared.runtime import quiet_sdk_logs
+
+    try:
+        quiet_sdk_logs("DEBUG")
+        assert logging.getLogger("azure").level == logging.DEBUG
+        assert not logging.getLogger("urllib3.connectionpool").isEnabledFor(logging.DEBUG)
+    finally:
+        quiet_sdk_logs("WARNING")

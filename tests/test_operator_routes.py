@@ -109,6 +109,11 @@ def test_a_requests_audit_trail_and_every_event_since(local_host: HostFactory) -
     since = host.get("/api/offboard/audit", params={"since": trail["events"][0]["at"]}).json()["events"]
     assert [e["event"] for e in since] == [e["event"] for e in trail["events"]]
     assert host.get("/api/offboard/audit").json()["error"]["code"] == "MissingSince"
+    # A call refused before it became a request is in the export too, under no request id.
+    assert host.post("/api/offboard", {"machineId": "not-a-machine"}).status_code == 400
+    since = host.get("/api/offboard/audit", params={"since": trail["events"][0]["at"]}).json()["events"]
+    [refused] = [e for e in since if e["event"] == "Rejected"]
+    assert "requestId" not in refused and refused["outcome"] == "InvalidMachineId"
 
 
 def test_approval_always_holds_everything_until_released_and_records_who(

@@ -106,6 +106,27 @@ def test_requests_by_name_and_by_id_for_one_machine_are_one_request(
     assert defender.offboard_calls() == []  # the request by id offboards it, once
 
 
+def test_a_duplicate_by_another_principal_is_refused_without_naming_their_request(
+    m: Memory, defender: DefenderSimulator
+) -> None:
+    # With App Service authentication on, the intake never shows one principal another's
+    # request (RequestByAnotherCaller); the worker's refusal must not show it either.
+    defender.add_machine(MACHINE, computer_dns_name="ws-0042.contoso.com")
+    submissions = m.services.submissions(lambda r: r)
+    alice = Caller("alice@contoso.com", principal="alice-oid", scoped=True)
+    bob = Caller("bob@contoso.com", principal="bob-oid", scoped=True)
+    by_id = submissions.submit(OffboardRequest(MACHINE, "by id"), alice).body["requestId"]
+    lookup = Lookup.of("deviceName", "ws-0042.contoso.com")
+    by_name = submissions.submit(OffboardRequest(None, "by name", lookup), bob).body["requestId"]
+    [by_name_message] = [s for s in m.work.due() if by_name in s.text]
+    m.services.worker().handle(by_name_message.text.encode(), "delivery-2")
+    duplicate = record(m, by_name)
+    assert duplicate.status == Status.REJECTED and duplicate.last_error_code == "DuplicateRequest"
+    assert duplicate.duplicate_of is None and by_id not in (duplicate.last_error_message or "")
+    assert by_id not in str(duplicate.public())
+    assert defender.offboard_calls() == []
+
+
 def test_a_far_slot_re_queues_the_message_with_its_slot_and_marks_the_row(
     memory: Callable[..., Memory], defender: DefenderSimulator
 ) -> None:

@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from azure.core.exceptions import AzureError
 
 from ..domain import audit
-from .entities import Entities
+from .entities import Entities, Query, Stored
 
 log = logging.getLogger(__name__)
 _DETAIL_LIMIT = 1000
@@ -37,3 +37,12 @@ class Rejections:
             self._entities.insert(entity)
         except AzureError:
             log.exception("Could not write the audit event of a rejected call")
+
+    def since(self, since: float, until: float) -> list[Stored]:
+        """Every rejection recorded from `since` to `until` (epoch seconds), oldest first."""
+        start, end = datetime.fromtimestamp(since, UTC), datetime.fromtimestamp(until, UTC)
+        query = Query(
+            partitions=(f"rejected-{start:%Y-%m-%d}", f"rejected-{end:%Y-%m-%d}"),
+            rows=(f"{start:%Y%m%dT%H%M%S%f}", f"{end:%Y%m%dT%H%M%S%f}~"),
+        )
+        return [e for e in self._entities.query(query) if e.get("event") == audit.REJECTED]

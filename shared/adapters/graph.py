@@ -19,8 +19,10 @@ The two reads (application permissions of the app's managed identity):
   device would then look like a retiring one). So every device is listed and the watcher
   decides, and the same listing refreshes its inventory.
 - `GET /v1.0/deviceManagement/auditEvents?$filter=activityDateTime gt <ISO 8601>`: Intune's
-  audit events since a time (activityType, activityDateTime, displayName and the id
-  properties are documented as filterable), paged the same way. Permission
+  audit events since a time, paged the same way. The v1.0 page documents no query parameters
+  for this call; the filter on activityDateTime is what Intune's own audit log view sends, and
+  the watcher checks every event's time itself, so a filter ignored costs reading, never a
+  wrong decision. Permission
   `DeviceManagementApps.Read.All` (what Graph v1.0 lists for auditEvents: exactly
   DeviceManagementApps.Read.All or ReadWrite.All). No `$orderby`: the order is not relied on,
   the watcher sorts what it read.

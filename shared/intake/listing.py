@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from ..adapters.audit import Rejections
 from ..adapters.request_store import RequestStore
 from ..domain import ids
 from ..domain.errors import InvalidInput, RequestNotFound
@@ -104,6 +105,7 @@ def since_of(raw: str | None) -> float | None:
 @dataclass
 class Listing:
     store: RequestStore
+    rejections: Rejections | None = None
     clock: Any = time.time
 
     def request(self, request_id: str, caller: Caller) -> RequestRecord:
@@ -161,7 +163,9 @@ class Listing:
         return [_event(e) for e in self.store.events(request_id)]
 
     def events_since(self, since: float, caller: Caller) -> list[dict[str, Any]]:
-        """Every audit event at or after `since`, of the requests the caller may see."""
+        """Every audit event at or after `since`, of the requests the caller may see; and the
+        calls refused before they became requests (bad input, a Graph item the Intune watcher
+        could not use), for a caller who may see every request: a refusal names no owner."""
         now = self.clock()
         visible: dict[str, bool] = {}
         found = []
@@ -175,15 +179,15 @@ class Listing:
                 visible[request_id] = record is not None and caller.may_see(record.principal)
             if visible[request_id]:
                 found.append(_event(event))
-        return sorted(found, key=lambda e: (e["at"], e["requestId"]))
+        if self.rejections is not None and caller.may_see(None):  # an operator, or no principals
+            found.extend(_event(e.entity) for e in self.rejections.since(since, now) if e.get("at"))
+        return sorted(found, key=lambda e: (e["at"], e.get("requestId") or ""))
 
 
 def _event(row: Mapping[str, Any]) -> dict[str, Any]:
-    view = {
-        "at": row.get("at"),
-        "requestId": row.get("requestId"),
-        "event": row.get("event"),
-    }
+    view = {"at": row.get("at"), "event": row.get("event")}
+    if row.get("requestId"):  # a refusal before any request was made has none
+        view["requestId"] = row["requestId"]
     for name in ("outcome", "detail", "caller", "machineId", "tenantId"):
         if row.get(name):
             view[name] = row[name]

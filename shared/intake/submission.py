@@ -253,10 +253,13 @@ class Submissions:
                 log.exception("The breaker could not be read; holding %d request(s)", len(group))
                 admission = None
             admitted = admission.admitted if admission is not None else 0
-            for t in group[admitted:]:
-                t.hold = self._breaker_hold(admission.count if admission else None, tenant)
+            held = group[admitted:]
+            if held:
+                hold = self._breaker_hold(admission.count if admission else None, tenant, len(held))
+                for t in held:
+                    t.hold = hold
 
-    def _breaker_hold(self, count: int | None, tenant: str | None) -> Hold:
+    def _breaker_hold(self, count: int | None, tenant: str | None, held: int) -> Hold:
         window = f"{self.breaker.window_seconds:g}s"
         counted = (
             f"{count} offboards accepted in the last {window}"
@@ -264,12 +267,14 @@ class Submissions:
             else "the breaker unreadable"
         )
         # An error, not a warning: this is the moment someone must look at what is happening.
+        # One line per trip (per call and tenant), however many of its items it holds.
         log.error(
-            "Blast-radius breaker tripped%s: %s (limit %d); requests are held until an operator "
+            "Blast-radius breaker tripped%s: %s (limit %d); %d request(s) held until an operator "
             "releases them",
             f" for tenant {tenant}" if tenant else "",
             counted,
             self.breaker.limit,
+            held,
         )
         return Hold(
             "BreakerTripped",
@@ -428,6 +433,8 @@ class Submissions:
                 "existingRequest": True,
                 "message": "this machine already has a request in progress; its id is returned "
                 "and nothing new was queued",
+                **({"tenantId": record.tenant_id} if record.tenant_id else {}),
+                **({"dryRun": True} if record.dry_run else {}),
             },
         )
 

@@ -163,18 +163,28 @@ class OffboardFlow:
                 return True
             other = self.store.get(outcome.guard.request_id)
             if other is not None and not other.final:
+                if self._same_caller(d, other):
+                    named, duplicate_of = f"request {other.request_id}", other.request_id
+                else:  # another principal's request: the intake would not show it either
+                    named, duplicate_of = "another caller's request", None
                 self.recorder.rejected(
                     d,
                     "DuplicateRequest",
-                    f"machine {d.machine_id} already has request {other.request_id} in progress; that one "
-                    "offboards it",
-                    duplicate_of=other.request_id,
+                    f"machine {d.machine_id} already has {named} in progress; that one offboards it",
+                    duplicate_of=duplicate_of,
                 )
                 return False
             # Its request is over (or was never written): the guard is ours to take.
             if self.guards.take_over(where, outcome.guard, m.request_id, d.delivery_id, None) is not None:
                 return True
         raise StaleRecord(where[0])
+
+    def _same_caller(self, d: Delivery, other: RequestRecord) -> bool:
+        """Whether this request's caller may be told the other's id, as the intake decides it
+        (Caller.may_see): both by one principal, or no principals at all. Read only on this rare
+        path: the message carries no principal."""
+        mine = d.record or self.store.get(d.request_id)
+        return mine is not None and mine.principal == other.principal
 
     def _precheck(self, d: Delivery) -> bool:
         m = d.message
