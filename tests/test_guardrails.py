@@ -115,6 +115,8 @@ def test_verdicts(fields: dict[str, Any], code: str) -> None:
 
 def test_an_ordinary_machine_passes() -> None:
     assert verdict(machine(machineTags=["Finance"]), PROTECTION) is None
+    # Learn's Machine resource page writes the value in lower case: still onboarded.
+    assert verdict(machine(onboardingStatus="onboarded"), PROTECTION) is None
 
 
 def test_guardrail_settings_that_do_not_parse_are_named() -> None:

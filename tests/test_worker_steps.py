@@ -87,6 +87,48 @@ def test_a_redelivery_whose_first_try_never_reached_defender_calls_once(
     assert record(m, message.request_id).status == Status.SUBMITTED
 
 
+def test_an_offboard_that_timed_out_is_looked_for_before_it_is_sent_again(
+    memory: Callable[..., Memory], defender: DefenderSimulator
+) -> None:
+    # Defender created the action but its answer came after the read timeout: the retry must
+    # find that action and follow it, not offboard a second time.
+    m = memory(DEFENDER_READ_TIMEOUT_SECONDS="0.2")
+    defender.offboard_delay_seconds = 0.6
+    message = adopt(m.services)
+    worker = m.services.worker()
+    worker.process(message, "delivery-1")
+    [retry] = [s for s in m.work.sent if '"offboard"' in s.text]
+    assert '"inDoubtSince"' in retry.text
+    worker.handle(retry.text.encode(), "delivery-2")
+    assert len(defender.offboard_calls(MACHINE)) == 1
+    done = record(m, message.request_id)
+    assert done.status == Status.SUBMITTED and done.action_id in defender.actions
+
+
+def test_an_in_doubt_request_whose_lookup_is_never_allowed_ends_failed_without_calling(
+    m: Memory, defender: DefenderSimulator
+) -> None:
+    from localdev.defender_sim import ACTION_LOOKUP
+
+    message = adopt(m.services)
+    now = datetime.now(UTC).isoformat()
+    m.services.store.change(
+        record(m, message.request_id), None, claimed_by="delivery-1", claimed_attempt=1, claimed_at=now
+    )
+    defender.script(ACTION_LOOKUP, *[Reply.error(403, "Forbidden")] * 5)
+    worker = m.services.worker()
+    worker.process(message, "delivery-1")
+    for delivery in range(2, 6):  # OFFBOARD_MAX_ATTEMPTS is 3 here: it must end well before
+        due = [s for s in m.work.sent if '"offboard"' in s.text]
+        m.work.sent.clear()
+        if not due:
+            break
+        worker.handle(due[-1].text.encode(), f"delivery-{delivery}")
+    done = record(m, message.request_id)
+    assert done.status == Status.FAILED and "Machine.Read.All" in (done.last_error_message or "")
+    assert defender.offboard_calls() == []  # never called blindly
+
+
 def test_requests_by_name_and_by_id_for_one_machine_are_one_request(
     m: Memory, defender: DefenderSimulator
 ) -> None:

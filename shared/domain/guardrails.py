@@ -121,7 +121,8 @@ def verdict(machine: dict[str, Any], protection: Protection) -> Verdict | None:
     if isinstance(group, int) and group in protection.group_ids:
         return Verdict("ProtectedDevice", f"the machine is in protected device group {group}")
     status = machine.get("onboardingStatus")
-    if status and status != "Onboarded":
+    # Defender answers "Onboarded"; Learn's Machine resource page writes "onboarded".
+    if isinstance(status, str) and status and status.lower() != "onboarded":
         return Verdict(
             "AlreadyOffboarded", f"Defender reports the machine as {status}; nothing to do", done=True
         )

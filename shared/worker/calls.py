@@ -13,7 +13,7 @@ from datetime import datetime
 import requests
 
 from ..adapters.defender import DefenderClient
-from ..domain.errors import DefenderCallError
+from ..domain.errors import DefenderCallError, NoResponse
 from ..domain.outcome import Outcome, Requeue, RetryKind, RetryPolicy, classify
 from .pacing import Pacer
 
@@ -35,10 +35,13 @@ PERMISSION = {
 
 @dataclass(frozen=True)
 class Answered:
-    """What came back: the raw response (None when there was none) and what it means."""
+    """What came back: the raw response (None when there was none), what it means, and
+    whether Defender may have acted without saying so (no answer in time, or a 5xx/408:
+    a gateway's error can come after the service behind it did the work)."""
 
     response: requests.Response | None
     outcome: Outcome
+    may_have_acted: bool = False
 
 
 @dataclass
@@ -72,7 +75,10 @@ class Calls:
         )
         if isinstance(outcome, Requeue) and outcome.kind is RetryKind.THROTTLED:
             self._penalize(operation, outcome, tenant)
-        return Answered(result if isinstance(result, requests.Response) else None, outcome)
+        if isinstance(result, requests.Response):
+            unsure = result.status_code >= 500 or result.status_code == 408
+            return Answered(result, outcome, may_have_acted=unsure)
+        return Answered(None, outcome, may_have_acted=isinstance(result, NoResponse))
 
     def _penalize(self, operation: str, outcome: Requeue, tenant: str | None) -> None:
         if outcome.capped_retry_after is not None:

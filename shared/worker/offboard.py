@@ -51,7 +51,7 @@ log = logging.getLogger("shared.worker")
 # may have created it is still that action.
 _CLOCK_SKEW = timedelta(minutes=5)
 NO_PENDING_ACTION = (
-    "Defender reports an offboard already pending, but its action was not found; see the portal"
+    "Defender reports an offboard already pending, but its action could not be found or read; see the portal"
 )
 
 
@@ -102,6 +102,7 @@ class OffboardFlow:
             self._guard_machine,
             self._precheck,
             self._rehearse,
+            self._settle_doubt,
             self._slot,
             self._claim,
             self._call,
@@ -110,8 +111,9 @@ class OffboardFlow:
             try:
                 go_on = step(d)
             except StaleRecord:
-                # The row changed since the message was sent: read it, decide, try once more.
-                go_on = self._decide(d) and step(d)
+                # The row changed since the message was sent: read it, decide (which may find
+                # that an earlier call of this attempt was made), try once more.
+                go_on = self._decide(d) and self._settle_doubt(d) and step(d)
             if not go_on:
                 return
 
@@ -241,6 +243,24 @@ class OffboardFlow:
         self.recorder.dry_run(d, would_send)  # a rehearsal spends no offboard slot
         return False
 
+    def _settle_doubt(self, d: Delivery) -> bool:
+        """An earlier attempt may have reached Defender (its worker died mid-call, or the call
+        timed out): look for the action it may have started before calling again, and follow
+        it if there is one. Before the offboard slot, so a lookup that must wait spends none."""
+        m = d.message
+        if m.in_doubt_since is None or m.machine_id is None:
+            return True  # no earlier call, or not even resolved yet: nothing can have been sent
+        since = datetime.fromisoformat(m.in_doubt_since) - _CLOCK_SKEW
+        found = self._find_action(d, since)
+        if found is None:
+            return False  # paced or retried: the lookup comes first, on the next delivery
+        if found:
+            log.warning("Request %s: following action %s an earlier delivery started", m.request_id, found)
+            self._submitted(d, found, pending=False)
+            return False
+        d.message = replace(m, in_doubt_since=None)  # no such action: calling is safe
+        return True
+
     def _slot(self, d: Delivery) -> bool:
         """The offboard's slot in the shared budget. The token first: a slot is a promise to
         call at that moment, and a first token request (hundreds of milliseconds) after taking
@@ -256,16 +276,17 @@ class OffboardFlow:
 
     def _claim(self, d: Delivery) -> bool:
         m = d.message
+        d.claimed_at = self.clock().isoformat()
         claim = {
             "attempt": m.attempt,
             "claimed_by": d.delivery_id,
             "claimed_attempt": m.attempt,
-            "claimed_at": self.clock().isoformat(),
+            "claimed_at": d.claimed_at,
         }
         try:
             self.recorder.change(d, None, **claim)
         except StaleRecord:
-            if not self._decide(d):
+            if not self._decide(d) or not self._settle_doubt(d):
                 return False
             try:
                 self.recorder.change(d, None, **claim)
@@ -276,17 +297,6 @@ class OffboardFlow:
 
     def _call(self, d: Delivery) -> bool:
         m = d.message
-        if m.in_doubt_since is not None:
-            since = datetime.fromisoformat(m.in_doubt_since) - _CLOCK_SKEW
-            found = self._find_action(d, since)
-            if found is None:
-                return False  # paced or retried: the lookup comes first, on the next delivery
-            if found:
-                log.warning(
-                    "Request %s: following action %s an earlier delivery started", m.request_id, found
-                )
-                self._submitted(d, found, pending=False)
-                return False
         answered = self.calls.make(
             OFFBOARD,
             lambda c: c.offboard(d.machine_id, m.comment, m.tenant_id),
@@ -302,6 +312,9 @@ class OffboardFlow:
                 action_id = self._find_action(d) or None
             self._submitted(d, action_id, pending=outcome.already_pending)
         elif isinstance(outcome, Requeue):
+            if answered.may_have_acted:
+                # Timed out, or a 5xx: the next attempt looks for an action before calling.
+                d.message = replace(m, in_doubt_since=d.claimed_at)
             self.recorder.retry(d, outcome, "Offboard")
         else:
             self.recorder.failed(d, outcome, "Offboard")
@@ -326,15 +339,23 @@ class OffboardFlow:
             self.recorder.paced(d, self.pacer.requeue_delay(slot))
             return None
         answered = self.calls.make(
-            ACTION_READ, lambda c: c.find_offboard_actions(d.machine_id, m.tenant_id), tenant=m.tenant_id
+            ACTION_READ,
+            lambda c: c.find_offboard_actions(d.machine_id, m.tenant_id),
+            failures=m.failures,
+            tenant=m.tenant_id,
         )
-        if isinstance(answered.outcome, Succeeded):
-            return pending_action(answered.outcome.action, since) or ""
-        if since is not None and isinstance(answered.outcome, Requeue):
-            # Not knowing whether the earlier delivery reached Defender, do not call blindly.
-            self.recorder.retry(d, answered.outcome, "Action lookup")
-            return None
-        return ""  # unreadable (e.g. 403): call, and Defender's ActiveRequestAlreadyExists decides
+        outcome = answered.outcome
+        if isinstance(outcome, Succeeded):
+            return pending_action(outcome.action, since) or ""
+        if since is None:
+            return ""  # following a pending action only: the request ends with a note instead
+        # Not knowing whether the earlier attempt reached Defender, never call blindly: retry
+        # the lookup (its failures count, so a permission never granted ends the request).
+        if isinstance(outcome, Requeue):
+            self.recorder.retry(d, outcome, "Action lookup")
+        else:
+            self.recorder.failed(d, outcome, "Action lookup")
+        return None
 
     def _read_slot(self, d: Delivery) -> bool:
         """A read (lookup, precheck) spends its own budget; a far slot re-queues the request

@@ -48,6 +48,7 @@ class Delivery:
     redelivered: bool = False
     etag: str | None = None
     record: RequestRecord | None = None  # the full row, when it had to be read
+    claimed_at: str | None = None  # when this delivery claimed the row for its call
 
     @property
     def request_id(self) -> str:
