@@ -207,7 +207,7 @@ def reconcile(timer: func.TimerRequest) -> None:
     from shared.intake.reconcile import reconcile as run
 
     services = _services()
-    run(services.store, services.queue, services.guards.lease)
+    run(services.store, services.queue, services.guards.lease, services.holds())
 
 
 @app.timer_trigger(arg_name="timer", schedule="%INTUNE_WATCH_SCHEDULE%", use_monitor=False)

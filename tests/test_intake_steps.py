@@ -169,7 +169,7 @@ def test_a_stranded_queued_row_gets_its_message_from_a_retry_or_the_reconciler(i
     m.work.sent.clear()
     record = m.services.store.get(record.request_id)
     assert record is not None
-    assert reconcile(m.services.store, m.services.queue, ACCEPT_LEASE, now + 3 * ACCEPT_LEASE) == 1
+    assert reconcile(m.services.store, m.services.queue, ACCEPT_LEASE, now=now + 3 * ACCEPT_LEASE) == 1
     assert len(m.work.sent) == 1
 
 
@@ -255,6 +255,40 @@ def test_approval_always_holds_every_real_request_and_no_rehearsal(intake) -> No
     assert rehearsal.body["status"] == "Queued"
     record = m.services.store.get(real.body["requestId"])
     assert record is not None and record.status == Status.HELD
+
+
+def test_a_release_that_died_before_its_message_is_healed_however_long_it_was_held(intake) -> None:
+    import time
+
+    m, submissions = intake(OFFBOARD_APPROVAL="always")
+    request_id = submit(submissions, OffboardRequest(MACHINE, "c")).body["requestId"]
+    m.work.sent.clear()
+    m.work.fail_next = 1  # the releasing process "dies" between the row and the message
+    with pytest.raises(ConnectionError):
+        m.services.holds().release(request_id, Caller("agent:second-person"))
+    record = m.services.store.get(request_id)
+    assert record is not None and record.status == Status.QUEUED and m.work.sent == []
+    # Two hours later: outside the reconciler's look-back for new requests, and still healed.
+    later = time.time() + 2 * 3600
+    holds = m.services.holds()
+    assert reconcile(m.services.store, m.services.queue, ACCEPT_LEASE, holds, now=later) == 1
+    [healed] = m.work.bodies()
+    assert healed["requestId"] == request_id and healed["type"] == "offboard"
+    assert reconcile(m.services.store, m.services.queue, ACCEPT_LEASE, holds, now=later + 120) == 0
+
+
+def test_a_release_whose_message_cannot_be_queued_is_held_again_and_says_so(intake) -> None:
+    from azure.core.exceptions import ServiceRequestError
+
+    m, submissions = intake(OFFBOARD_APPROVAL="always")
+    request_id = submit(submissions, OffboardRequest(MACHINE, "c")).body["requestId"]
+    m.work.fail_with, m.work.fail_next = ServiceRequestError, 1
+    with pytest.raises(ServiceRequestError):
+        m.services.holds().release(request_id, Caller("agent:second-person"))
+    record = m.services.store.get(request_id)
+    assert record is not None and record.status == Status.HELD and record.released_by is None
+    trail = [e["event"] for e in m.services.listing().events(request_id, CALLER)]
+    assert trail[-2:] == ["Released", "ReleaseUndone"]  # the trail agrees with the row
 
 
 def test_a_notification_is_queued_once_per_call_that_held_something(intake) -> None:

@@ -74,11 +74,14 @@ class MemoryQueue:
     clock: Any = time.time
     sent: list[Sent] = field(default_factory=list)
     fail_next: int = 0  # the next sends raise, as an unreachable queue does
+    # ConnectionError stands for a process dying mid-step (nothing catches it); an AzureError
+    # such as ServiceRequestError is what the SDK raises when the queue is unreachable.
+    fail_with: type[Exception] = ConnectionError
 
     def send(self, text: str, delay_seconds: int) -> None:
         if self.fail_next:
             self.fail_next -= 1
-            raise ConnectionError("queue unavailable (MemoryQueue.fail_next)")
+            raise self.fail_with("queue unavailable (MemoryQueue.fail_next)")
         self.sent.append(Sent(text, self.clock() + delay_seconds))
 
     def due(self) -> list[Sent]:

@@ -15,6 +15,7 @@ FAILED = "Failed"
 CANCELLED = "Cancelled"
 HELD = "Held"
 RELEASED = "Released"
+RELEASE_UNDONE = "ReleaseUndone"  # the released request could not be queued: held again
 EXPIRED = "Expired"
 PRECHECK = "Prechecked"
 DRY_RUN = "DryRun"

@@ -19,16 +19,20 @@ import time
 from ..adapters.queues import WorkQueue
 from ..adapters.request_store import RequestStore
 from ..domain.statuses import Status
+from .holds import Holds
 from .submission import heal
 
 log = logging.getLogger(__name__)
 WINDOW_SECONDS = 3600.0
 
 
-def reconcile(store: RequestStore, queue: WorkQueue, lease: float, now: float | None = None) -> int:
-    """Heals the stranded requests of the last hour; how many it sent a message for."""
+def reconcile(
+    store: RequestStore, queue: WorkQueue, lease: float, holds: Holds | None = None, now: float | None = None
+) -> int:
+    """Heals the stranded requests of the last hour, and those of releases that died between
+    the row and the message (holds.py); how many it sent a message for."""
     now = time.time() if now is None else now
-    healed = 0
+    healed = holds.reconcile_releases(now, lease) if holds is not None else 0
     for record in store.created_between(
         now - lease, now - WINDOW_SECONDS, {"status": str(Status.QUEUED), "attempt": 1}
     ):
