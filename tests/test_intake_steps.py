@@ -378,3 +378,13 @@ def test_refusals_are_in_the_audit_export_only_for_callers_who_see_every_request
         events = listing.events_since(since, caller)
         assert [e["outcome"] for e in events if e["event"] == "Rejected"] == ["InvalidMachineId"] * seen
     assert listing.events_since(time.time() + 1, CALLER) == []  # before `since`: not in it
+
+
+def test_a_single_requests_batch_id_leads_to_a_batch_of_one(intake) -> None:
+    m, submissions = intake()
+    request_id = submit(submissions, OffboardRequest(MACHINE, "c")).body["requestId"]
+    listing = m.services.listing()
+    batch_id = listing.request(request_id, CALLER).public()["batchId"]
+    batch = listing.batch(batch_id, CALLER)
+    assert batch["total"] == 1 and batch["items"][0]["requestId"] == request_id
+    assert batch["format"] == "native" and batch["counts"] == {"Queued": 1}

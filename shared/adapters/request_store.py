@@ -112,6 +112,13 @@ class RequestStore:
         for _, request_id in items.items if items else ():
             if request_id not in records and (outside := self.get(request_id)) is not None:
                 records[request_id] = outside
+        if items is None and len(records) == 1:
+            # A single request has a partition of its own but no batch row: a batch of one,
+            # so the batchId its status shows leads somewhere.
+            [only] = records.values()
+            items = BatchItems(
+                batch_id, (("request", only.request_id),), only.caller, "native", only.created_at or ""
+            )
         return items, records
 
     def created_between(

@@ -62,10 +62,6 @@ class IdempotencyKeyReused(Refusal):
     """An idempotency key came back with a different request."""
 
 
-class NotPermitted(Refusal):
-    """The caller may not do this (e.g. cancel without the master key)."""
-
-
 class DefenderUnavailable(Refusal):
     """Defender could not be reached, or refused, for a call made on the caller's behalf."""
 

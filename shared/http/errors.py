@@ -7,7 +7,6 @@ from ..domain.errors import (
     DefenderUnavailable,
     IdempotencyKeyReused,
     InvalidInput,
-    NotPermitted,
     PayloadTooLarge,
     Refusal,
     RequestConflict,
@@ -19,7 +18,6 @@ from ..domain.errors import (
 _STATUS: tuple[tuple[type[Refusal], int], ...] = (
     (PayloadTooLarge, 413),
     (InvalidInput, 400),
-    (NotPermitted, 403),
     (RequestNotFound, 404),
     (RequestConflict, 409),
     (IdempotencyKeyReused, 422),

@@ -47,7 +47,8 @@ class Filters:
         unknown = sorted(set(params) - known)
         if unknown:
             raise InvalidInput(
-                "InvalidFilter", f"unknown filter {unknown[0]!r}; use status, since, machineId, batchId"
+                "InvalidFilter",
+                f"unknown filter {unknown[0]!r}; use status, since, machineId, batchId, tenantId",
             )
         status = None
         if params.get("status"):
