@@ -217,7 +217,10 @@ def run(args: argparse.Namespace, env: dict[str, str], azurite: Azurite, progres
             print("The local host did not start; see its log above.", file=sys.stderr)
             return 1
         base = f"http://127.0.0.1:{ready['port']}"
-        say(f"Local Functions host serving {base}/api (function key: {LOCAL_FUNCTION_KEY})")
+        say(
+            f"Local Functions host serving {base}/api "
+            f"(function key: {LOCAL_FUNCTION_KEY}, master key: {LOCAL_MASTER_KEY})"
+        )
         if not args.no_samples:
             run_samples(base, defender, graph)
         progress.samples_done = True
@@ -238,7 +241,7 @@ def serve(base: str, graph: str) -> None:
         "    Any machine id or name from the fleet above works, e.g. "
         '\'{"deviceName": "srv-files-01.corp.contoso.com"}\'.\n'
         "    Retire a device in the simulated Intune; the watcher offboards it within ten seconds:\n"
-        f"    curl -X POST {graph}/sim/devices/{GRAPH_SEEDS['mac-design-07']}/retire\n"
+        f"    curl -X POST {graph}/sim/devices/{GRAPH_SEEDS['WS-0117']}/retire\n"
         "    Run a timer function now (the admin API, master key):\n"
         f"    curl -i -X POST '{base}/admin/functions/<name>' -H 'x-functions-key: {LOCAL_MASTER_KEY}' \\\n"
         "         -H 'Content-Type: application/json' -d '{\"input\": \"\"}'\n"

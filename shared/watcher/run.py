@@ -132,6 +132,13 @@ class Report:
     request_ids: list[str] = field(default_factory=list)
     batches: list[str] = field(default_factory=list)  # GET /api/offboard/batches/{id} follows each
 
+    @property
+    def eventful(self) -> bool:
+        """Whether the run saw or did anything beyond reading an unchanged tenant."""
+        return bool(
+            self.opened or self.submitted or self.skipped or self.deferred or self.inventory_written
+        ) or bool(self.pruned or self.throttled or self.retried or self.stops or self.waiting_until)
+
     def line(self) -> str:
         if self.waiting_until is not None and not self.calls:
             return (
@@ -192,7 +199,8 @@ class Watcher:
             raise
         finally:
             report.seconds = (self.clock() - started).total_seconds()
-            log.info("%s", report.line())
+            # A run that changed nothing is a DEBUG line: the host logs every timer run anyway.
+            log.log(logging.INFO if report.eventful else logging.DEBUG, "%s", report.line())
         return report
 
     # ---- the run ------------------------------------------------------------------------
