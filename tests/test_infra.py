@@ -40,7 +40,10 @@ GRAPH_AND_SIGN_IN = {
         ["Commercial", "CommercialUS", "CommercialEU", "CommercialUK", "CommercialAU", "GCC"], _GLOBAL
     ),
     **dict.fromkeys(
-        ["Security", "SecurityUS", "SecurityEU", "SecurityUK", "SecurityAU", "SecuritySWA", "SecurityINA"],
+        [
+            *("Security", "SecurityUS", "SecurityEU", "SecurityUK", "SecurityAU"),
+            *("SecuritySWA", "SecurityINA", "SecurityAEA"),
+        ],
         _GLOBAL,
     ),
     "GCCHigh": ("graph.microsoft.us", "https://login.microsoftonline.us", "api://AzureADTokenExchangeUSGov"),
@@ -324,7 +327,7 @@ def test_every_cloud_and_plan_gives_settings_the_app_accepts(cloud: str, plan: s
     elif cloud.startswith("Security"):
         # The newer hosts take the same audience (Learn requests api.securitycenter's for them).
         assert settings.defender_scope == COMMERCIAL_DEFENDER_SCOPE
-        assert re.fullmatch(r"((us|eu|uk|au|swa|ina)\.)?api\.security\.microsoft\.com", host)
+        assert re.fullmatch(r"((us|eu|uk|au|swa|ina|aea)\.)?api\.security\.microsoft\.com", host)
     else:
         # US Government: the audience is not documented; the template uses the API host itself.
         assert settings.defender_scope == f"https://{host}/.default"
