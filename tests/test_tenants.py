@@ -1,0 +1,313 @@
+"""Many tenants, end to end: the real credentials (ManagedIdentityCredential for the home
+tenant; ClientAssertionCredential for each customer tenant, whose assertion is the managed
+identity's token for api://AzureADTokenExchange), real HTTPS to a loopback Entra
+(localdev/entra.py, a certificate made here), real Azurite, the local host's HTTP and queue
+triggers, and the Defender simulator keeping one budget per tenant.
+
+What the issue asks: three tenants each get their full budget at once with no 429; a tenant
+not allowed is refused (400 TenantNotAllowed) and changes nothing; a token failure in one
+tenant does not slow the others; nothing of one tenant (token, budget, breaker, protection)
+leaks into another, and the home tenant keeps the plain managed identity.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import requests
+from azure.core.exceptions import ResourceNotFoundError
+from azure.data.tables import TableClient
+
+from localdev.azurite import Azurite
+from localdev.defender_sim import Call, DefenderSimulator
+from localdev.entra import JWT_BEARER, EntraTokenService
+from localdev.identity import IdentityEndpoint
+from shared.domain.errors import TokenUnavailable
+from shared.runtime import Services
+from tests.conftest import RunningHost, adopt
+from tests.tls import Certificate, self_signed
+
+HostFactory = Callable[..., RunningHost]
+
+CONTOSO = "3f8e2a1c-5b6d-4e7f-9a0b-1c2d3e4f5a6b"
+FABRIKAM = "4a9f3b2d-6c7e-4f80-8b1c-2d3e4f5a6b7c"
+NORTHWIND = "5b0a4c3e-7d8f-4091-9c2d-3e4f5a6b7c8d"
+CUSTOMERS = (CONTOSO, FABRIKAM, NORTHWIND)
+STRANGER = "9f0e1d2c-3b4a-4596-8877-665544332211"  # a real-looking tenant not in OFFBOARD_TENANTS
+HOME = "home"  # how the simulator names the app's own tenant
+APP = "5e6f7a8b-0000-4000-8000-000000000003"  # the multi-tenant app registration
+IDENTITY = "0c1d2e3f-1111-4000-8000-000000000001"  # the user-assigned managed identity
+DEFENDER_RESOURCE = "https://api.securitycenter.microsoft.com"
+SCOPE = f"{DEFENDER_RESOURCE}/.default"
+EXCHANGE = "api://AzureADTokenExchange"
+# Small windows keep the file fast: 5 calls per 2 s per operation and tenant, on both sides.
+CALLS, WINDOW, MARGIN = 5, 2.0, 0.5
+LIMITS = {op: ((CALLS, WINDOW),) for op in ("offboard", "machine-read", "action-read", "machine-tag")}
+
+
+def machine(tenant: str, n: int) -> str:
+    """A distinct, well-formed machine id per tenant (the simulator's fleet is shared)."""
+    return f"{CUSTOMERS.index(tenant) + 1 if tenant in CUSTOMERS else 9:x}{n:039x}"
+
+
+# ---- fixtures ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> Certificate:
+    return self_signed(tmp_path_factory.mktemp("tls"))
+
+
+@pytest.fixture
+def entra(identity: IdentityEndpoint, certificate: Certificate) -> Iterator[EntraTokenService]:
+    with EntraTokenService(
+        identity,
+        certfile=certificate.certfile,
+        keyfile=certificate.keyfile,
+        app_client_id=APP,
+        identity_client_id=IDENTITY,
+        tenants=CUSTOMERS,
+        scope=SCOPE,
+        audience=EXCHANGE,
+    ) as service:
+        yield service
+
+
+def home_token(identity: IdentityEndpoint, token: str) -> bool:
+    """A token the managed identity got for Defender itself (not the exchange audience)."""
+    return any(t == token and r == DEFENDER_RESOURCE and c == IDENTITY for t, r, c in list(identity.issued))
+
+
+@pytest.fixture
+def defender(identity: IdentityEndpoint, entra: EntraTokenService) -> Iterator[DefenderSimulator]:
+    """Overrides conftest's: only a Defender token is accepted (an exchange-audience token is
+    not), and each token's tenant has its own budgets."""
+
+    def tenant_of(token: str) -> str | None:
+        return entra.tenant_of(token) or (HOME if home_token(identity, token) else None)
+
+    with DefenderSimulator(
+        accept_token=lambda token: tenant_of(token) is not None,
+        accept_any=True,
+        rate_limits=LIMITS,
+        tenant_of=tenant_of,
+    ) as sim:
+        yield sim
+
+
+@pytest.fixture
+def tenant_env(entra: EntraTokenService, certificate: Certificate) -> dict[str, str]:
+    budget = f"{CALLS}/{WINDOW:g}"
+    return {
+        "OFFBOARD_TENANTS": f"{CONTOSO}=Contoso,{FABRIKAM}=Fabrikam,{NORTHWIND}=Northwind",
+        "MULTITENANT_APP_CLIENT_ID": APP,
+        "MANAGED_IDENTITY_CLIENT_ID": IDENTITY,
+        "DEFENDER_API_SCOPE": SCOPE,
+        **entra.env,  # AZURE_AUTHORITY_HOST=https://127.0.0.1:<port>
+        "REQUESTS_CA_BUNDLE": str(certificate.certfile),
+        "DEFENDER_OFFBOARD_RATE_LIMITS": budget,
+        "DEFENDER_MACHINE_READ_RATE_LIMITS": budget,
+        "DEFENDER_ACTION_READ_RATE_LIMITS": budget,
+        "DEFENDER_TAG_RATE_LIMITS": budget,
+        "RATE_LIMIT_MARGIN_SECONDS": f"{MARGIN:g}",
+        "OFFBOARD_BREAKER_LIMIT": "50",
+        "OFFBOARD_CHECK_INITIAL_SECONDS": "1",
+    }
+
+
+@pytest.fixture
+def in_process(
+    make_services: Callable[..., Services], tenant_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> Callable[..., Services]:
+    """The app's services in this process, with the sign-in host and its certificate in the
+    environment, where azure-identity reads them."""
+
+    def make(**overrides: str) -> Services:
+        env = {**tenant_env, **overrides}
+        for name in ("AZURE_AUTHORITY_HOST", "REQUESTS_CA_BUNDLE"):
+            monkeypatch.setenv(name, env[name])
+        return make_services(**env)
+
+    return make
+
+
+# ---- helpers -----------------------------------------------------------------------------
+
+
+def until(check: Callable[[], Any], timeout: float = 20.0, what: str = "the condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        found = check()
+        if found:
+            return found
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} did not happen within {timeout:g}s")
+        time.sleep(0.1)
+
+
+def tenant(tenant_id: str | None) -> dict[str, str]:
+    """How a request body names its tenant; the home tenant is named by naming none."""
+    return {"tenantId": tenant_id} if tenant_id else {}
+
+
+def status(host: RunningHost, request_id: str) -> dict[str, Any]:
+    body: dict[str, Any] = host.get(f"/api/offboard/{request_id}").json()
+    return body
+
+
+def settled(host: RunningHost, request_ids: list[str], *statuses: str, timeout: float = 20.0) -> None:
+    """Waits until every request has one of `statuses`, reading them all in one list call."""
+
+    def done() -> bool:
+        listed = {r["requestId"]: r["status"] for r in host.get("/api/offboard").json()["requests"]}
+        return all(listed.get(r) in statuses for r in request_ids)
+
+    until(done, timeout, f"{len(request_ids)} requests reaching {'/'.join(statuses)}")
+
+
+def request_ids(answer: requests.Response) -> list[str]:
+    body = answer.json()
+    return [r["requestId"] for r in body["results"]] if "results" in body else [body["requestId"]]
+
+
+def bearer(call: Call) -> str:
+    return call.headers["Authorization"].removeprefix("Bearer ")
+
+
+def table_rows(azurite: Azurite, name: str) -> list[dict[str, Any]]:
+    client = TableClient.from_connection_string(azurite.connection_string, name)
+    try:
+        return [dict(e) for e in client.list_entities()]
+    except ResourceNotFoundError:
+        return []
+
+
+def by_tenant(calls: list[Call]) -> dict[str, list[Call]]:
+    grouped: dict[str, list[Call]] = {}
+    for call in calls:
+        grouped.setdefault(str(call.tenant), []).append(call)
+    return grouped
+
+
+def assert_each_call_carries_its_own_tenants_token(
+    defender: DefenderSimulator, entra: EntraTokenService, identity: IdentityEndpoint
+) -> None:
+    for call in defender.calls:
+        token = bearer(call)
+        if call.tenant == HOME:
+            assert home_token(identity, token) and entra.tenant_of(token) is None
+        else:
+            assert call.tenant in CUSTOMERS and token in entra.tokens_for(call.tenant)
+
+
+# ---- the loopback Entra refuses what Entra refuses ----------------------------------------
+
+
+def exchange_form(identity: IdentityEndpoint, **changes: str) -> dict[str, str]:
+    return {
+        "client_assertion": identity.issue(EXCHANGE, IDENTITY),
+        "client_assertion_type": JWT_BEARER,
+        "client_id": APP,
+        "grant_type": "client_credentials",
+        "scope": SCOPE,
+        **changes,
+    }
+
+
+@pytest.mark.parametrize(
+    ("tenant", "changes", "error", "code"),
+    [
+        (STRANGER, {}, "invalid_tenant", 90002),
+        (CONTOSO, {"client_id": STRANGER}, "unauthorized_client", 700016),
+        (CONTOSO, {"client_assertion": "sim-never-issued"}, "invalid_client", 700211),
+        (CONTOSO, {"scope": "https://graph.microsoft.com/.default"}, "invalid_scope", 70011),
+        (CONTOSO, {"grant_type": "password"}, "unsupported_grant_type", 70003),
+    ],
+)
+def test_entra_refuses_what_entra_refuses(
+    entra: EntraTokenService,
+    identity: IdentityEndpoint,
+    certificate: Certificate,
+    tenant: str,
+    changes: dict[str, str],
+    error: str,
+    code: int,
+) -> None:
+    form = exchange_form(identity, **changes)
+    response = requests.post(
+        f"{entra.url}/{tenant}/oauth2/v2.0/token", data=form, verify=str(certificate.certfile), timeout=5
+    )
+    assert response.status_code == 400
+    body = response.json()
+    assert body["error"] == error and body["error_codes"] == [code]
+    assert body["error_description"].startswith(f"AADSTS{code}:")
+    assert entra.issued == []
+
+
+def test_entra_takes_only_the_trusted_identitys_exchange_token(
+    entra: EntraTokenService, identity: IdentityEndpoint, certificate: Certificate
+) -> None:
+    url = f"{entra.url}/{CONTOSO}/oauth2/v2.0/token"
+
+    def post(form: dict[str, str]) -> requests.Response:
+        return requests.post(url, data=form, verify=str(certificate.certfile), timeout=5)
+
+    # A token of the right identity for Defender itself, and one of another identity.
+    wrong_audience = post(
+        exchange_form(identity, client_assertion=identity.issue(DEFENDER_RESOURCE, IDENTITY))
+    )
+    other_identity = post(exchange_form(identity, client_assertion=identity.issue(EXCHANGE, STRANGER)))
+    assert [r.json()["error_codes"] for r in (wrong_audience, other_identity)] == [[700212], [700213]]
+    good = post(exchange_form(identity))
+    assert good.status_code == 200 and good.json()["expires_in"] == 3599
+    assert entra.tenant_of(good.json()["access_token"]) == CONTOSO
+    with pytest.raises(requests.exceptions.SSLError):  # only a client that trusts the certificate
+        requests.post(url, data=exchange_form(identity), timeout=5)
+
+
+# ---- the credentials, in process ---------------------------------------------------------
+
+
+def test_one_credential_per_tenant_and_the_home_tenant_keeps_the_plain_managed_identity(
+    in_process: Callable[..., Services],
+    entra: EntraTokenService,
+    identity: IdentityEndpoint,
+    defender: DefenderSimulator,
+) -> None:
+    services = in_process()
+    for _ in range(3):
+        for who in (None, *CUSTOMERS):
+            services.defender.warm_up(who)
+    # One exchange per customer tenant, each presenting the identity's one exchange token.
+    exchanges = [t for t, r, _ in identity.issued if r == EXCHANGE]
+    assert len(exchanges) == 1
+    assert [(r.tenant, r.status, r.assertion) for r in entra.requests] == [
+        (t, 200, exchanges[0]) for t in CUSTOMERS
+    ]
+    # The home tenant: the managed identity's own Defender token, never a trip to Entra.
+    assert [(r, c) for _, r, c in identity.issued] == [(DEFENDER_RESOURCE, IDENTITY), (EXCHANGE, IDENTITY)]
+    for who in (None, *CUSTOMERS):
+        assert services.defender.get_machine(machine(CONTOSO, 1), who).status_code == 200
+    assert [c.tenant for c in defender.calls] == [HOME, *CUSTOMERS]
+    assert_each_call_carries_its_own_tenants_token(defender, entra, identity)
+
+
+def test_a_tenant_entra_does_not_know_fails_its_own_requests_saying_which(
+    in_process: Callable[..., Services], entra: EntraTokenService, defender: DefenderSimulator
+) -> None:
+    entra.tenants.discard(NORTHWIND)  # listed here, but consent was never given there (or a typo)
+    services = in_process()
+    with pytest.raises(TokenUnavailable) as caught:
+        services.defender.warm_up(NORTHWIND)
+    assert f"for tenant {NORTHWIND}" in str(caught.value) and "AADSTS90002" in str(caught.value)
+    message = adopt(services, tenant_id=NORTHWIND)
+    services.worker().process(message)
+    record = services.store.get(message.request_id)
+    assert record is not None and record.status == "Queued" and record.last_error_code == "TokenUnavailable"
+    assert NORTHWIND in (record.last_error_message or "")
+    assert defender.calls == []  # nothing reached Defender without its tenant's token
+    services.defender.warm_up(CONTOSO)  # the other tenants are untouched
+    assert entra.requests_for(CONTOSO)[-1].status == 200
