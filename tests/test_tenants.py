@@ -12,6 +12,8 @@ leaks into another, and the home tenant keeps the plain managed identity.
 
 from __future__ import annotations
 
+import json
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -22,8 +24,9 @@ from azure.core.exceptions import ResourceNotFoundError
 from azure.data.tables import TableClient
 
 from localdev.azurite import Azurite
-from localdev.defender_sim import Call, DefenderSimulator
-from localdev.entra import JWT_BEARER, EntraTokenService
+from localdev.defender_sim import Call, DefenderSimulator, Reply
+from localdev.entra import JWT_BEARER, EntraReply, EntraTokenService
+from localdev.host import LOCAL_MASTER_KEY
 from localdev.identity import IdentityEndpoint
 from shared.domain.errors import TokenUnavailable
 from shared.runtime import Services
@@ -311,3 +314,271 @@ def test_a_tenant_entra_does_not_know_fails_its_own_requests_saying_which(
     assert defender.calls == []  # nothing reached Defender without its tenant's token
     services.defender.warm_up(CONTOSO)  # the other tenants are untouched
     assert entra.requests_for(CONTOSO)[-1].status == 200
+
+
+# ---- through the local host --------------------------------------------------------------
+
+
+def sign_in_everywhere(host: RunningHost, defender: DefenderSimulator) -> None:
+    """A running instance: one dry run per tenant signs it in (see the cold-instance test at
+    the end), then the window its precheck read took passes."""
+    dry_runs = [
+        request_ids(
+            host.post("/api/offboard", {"machineId": machine(t or HOME, 99), "dryRun": True, **tenant(t)})
+        )[0]
+        for t in (None, *CUSTOMERS)
+    ]
+    settled(host, dry_runs, "DryRun")
+    time.sleep(max(0.0, max(c.at for c in defender.calls) + WINDOW + MARGIN - time.time()))
+
+
+def test_three_tenants_each_get_their_full_budget_at_once(
+    local_host: HostFactory,
+    tenant_env: dict[str, str],
+    defender: DefenderSimulator,
+    entra: EntraTokenService,
+    identity: IdentityEndpoint,
+) -> None:
+    defender.action_progression = ["Succeeded"]  # one status read per action
+    host = local_host(**tenant_env)
+    sign_in_everywhere(host, defender)
+    # All at once: Contoso, a batch naming its tenant once for every item, with one more than
+    # a window allows; Fabrikam, single requests; Northwind, a batch naming the tenant per
+    # item; the home tenant, a batch naming none.
+    bodies: list[tuple[str, dict[str, Any]]] = [
+        (
+            CONTOSO,
+            {
+                "tenantId": CONTOSO.upper(),
+                "requests": [{"machineId": machine(CONTOSO, n)} for n in range(CALLS + 1)],
+            },
+        ),
+        *[(FABRIKAM, {"machineId": machine(FABRIKAM, n), "tenantId": FABRIKAM}) for n in range(CALLS)],
+        (
+            NORTHWIND,
+            {"requests": [{"machineId": machine(NORTHWIND, n), "tenantId": NORTHWIND} for n in range(CALLS)]},
+        ),
+        (HOME, {"requests": [{"machineId": machine(HOME, n)} for n in range(CALLS)]}),
+    ]
+    ids: dict[str, list[str]] = {}
+    lock = threading.Lock()
+
+    def post(who: str, body: dict[str, Any]) -> None:
+        answer = host.post("/api/offboard", body)
+        assert answer.status_code == 202, answer.text
+        with lock:
+            ids.setdefault(who, []).extend(request_ids(answer))
+
+    threads = [threading.Thread(target=post, args=pair) for pair in bodies]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert {t: len(i) for t, i in ids.items()} == {CONTOSO: 6, FABRIKAM: 5, NORTHWIND: 5, HOME: 5}
+    settled(host, [i for group in ids.values() for i in group], "Succeeded", timeout=30)
+
+    assert defender.throttled == []  # no 429, for offboards, reads or status checks
+    offboards = by_tenant(defender.offboard_calls())
+    assert {t: len(c) for t, c in offboards.items()} == {CONTOSO: 6, FABRIKAM: 5, NORTHWIND: 5, HOME: 5}
+    first = min(c.at for c in defender.offboard_calls())
+    for who, calls in offboards.items():
+        # Each tenant's full window at once. One budget for all would have needed three more
+        # windows (of 2.5 s with the margin) for these 20 calls: 7.5 s at least.
+        assert calls[CALLS - 1].at - calls[0].at < WINDOW and calls[CALLS - 1].at - first < 2 * WINDOW, who
+    # The sixth of Contoso waited for Contoso's window, and only Contoso's.
+    assert offboards[CONTOSO][CALLS].at - offboards[CONTOSO][0].at >= WINDOW
+    assert_each_call_carries_its_own_tenants_token(defender, entra, identity)
+    assert entra.refused() == []
+
+    # What an operator sees: the tenant on every status, list and audit entry.
+    assert {status(host, i).get("tenantId") for i in ids[CONTOSO]} == {CONTOSO}
+    assert {"tenantId" in status(host, i) for i in ids[HOME]} == {False}
+    listed = host.get("/api/offboard", params={"tenantId": FABRIKAM}).json()["requests"]
+    assert sorted(r["requestId"] for r in listed if not r.get("dryRun")) == sorted(ids[FABRIKAM])
+    trail = host.get(f"/api/offboard/{ids[NORTHWIND][0]}/audit").json()["events"]
+    assert [e["event"] for e in trail][:3] == ["Received", "Queued", "Submitted"]
+    assert {e.get("tenantId") for e in trail} == {NORTHWIND}
+
+
+def test_a_tenant_not_allowed_is_refused_and_changes_nothing(
+    local_host: HostFactory,
+    tenant_env: dict[str, str],
+    azurite: Azurite,
+    app_env: dict[str, str],
+    defender: DefenderSimulator,
+    entra: EntraTokenService,
+) -> None:
+    host = local_host("--no-queues", **tenant_env)
+    single = host.post("/api/offboard", {"machineId": machine(CONTOSO, 1), "tenantId": STRANGER})
+    assert single.status_code == 400 and single.json()["error"]["code"] == "TenantNotAllowed"
+    assert STRANGER in single.json()["error"]["message"]
+    batch = host.post(
+        "/api/offboard",
+        {"tenantId": STRANGER, "requests": [{"machineId": machine(CONTOSO, n)} for n in (2, 3)]},
+    )
+    assert batch.status_code == 400 and batch.json()["error"]["code"] == "NoValidItems"
+    assert [r["error"]["code"] for r in batch.json()["results"]] == ["TenantNotAllowed"] * 2
+    # In a batch, only the item naming that tenant is refused.
+    mixed = host.post(
+        "/api/offboard",
+        {
+            "requests": [
+                {"machineId": machine(CONTOSO, 4), "tenantId": STRANGER},
+                {"machineId": machine(CONTOSO, 5)},
+            ]
+        },
+    ).json()["results"]
+    assert [r["status"] for r in mixed] == ["Rejected", "Queued"]
+    not_an_id = host.post("/api/offboard", {"machineId": machine(CONTOSO, 6), "tenantId": "contoso"})
+    assert not_an_id.status_code == 400 and not_an_id.json()["error"]["code"] == "InvalidTenantId"
+
+    # Nothing of the refused tenant anywhere: no row, guard, breaker or budget, no message,
+    # no token request, no Defender call.
+    queue = app_env["OFFBOARD_QUEUE_NAME"]
+    for table in (f"{queue}state", f"{queue}audit", queue):
+        assert STRANGER not in json.dumps(table_rows(azurite, table), default=str), table
+    assert [r["requestId"] for r in host.get("/api/offboard").json()["requests"]] == [mixed[1]["requestId"]]
+    assert entra.requests == [] and defender.calls == []
+
+
+def test_a_token_failure_in_one_tenant_does_not_slow_the_others(
+    local_host: HostFactory, tenant_env: dict[str, str], defender: DefenderSimulator, entra: EntraTokenService
+) -> None:
+    defender.action_progression = ["Pending"]
+    entra.fail(FABRIKAM, 500, times=100)  # Fabrikam's sign-in is down (azure-identity retries each 500)
+    entra.script(NORTHWIND, EntraReply.slow(2.0))  # Northwind's first sign-in takes 2 s
+    host = local_host(**tenant_env)
+    posted: dict[str, list[str]] = {}
+    accepted: dict[str, float] = {}
+
+    def post(who: str | None) -> None:
+        body = {"requests": [{"machineId": machine(who or HOME, n)} for n in range(2)], **tenant(who)}
+        answer = host.post("/api/offboard", body)
+        posted[who or HOME], accepted[who or HOME] = request_ids(answer), time.time()
+
+    threads = [threading.Thread(target=post, args=(t,)) for t in (None, *CUSTOMERS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    settled(host, posted[CONTOSO] + posted[HOME] + posted[NORTHWIND], "Submitted", "Pending")
+    latency = {
+        t: max(c.at for c in calls) - accepted[t] for t, calls in by_tenant(defender.offboard_calls()).items()
+    }
+    # Contoso and the home tenant went at once, while each of Fabrikam's sign-ins took about
+    # 5 s to fail; Northwind was late by its own slow sign-in only.
+    assert latency[CONTOSO] < 1.5 and latency[HOME] < 1.5, latency
+    assert 2.0 <= latency[NORTHWIND] < 2.0 + 1.5, latency
+    assert FABRIKAM not in latency and not any(c.tenant == FABRIKAM for c in defender.calls)
+
+    # Fabrikam's requests wait, saying why and where; once its sign-in is back they go.
+    failing = until(lambda: [s for i in posted[FABRIKAM] if (s := status(host, i)).get("lastError")])
+    assert (
+        failing[0]["lastError"]["code"] == "TokenUnavailable"
+        and FABRIKAM in failing[0]["lastError"]["message"]
+    )
+    entra.clear(FABRIKAM)
+    settled(host, posted[FABRIKAM], "Submitted", "Pending", timeout=30)
+    assert {c.tenant for c in defender.offboard_calls()} == {CONTOSO, FABRIKAM, NORTHWIND, HOME}
+    assert defender.throttled == []
+
+
+def test_nothing_of_one_tenant_leaks_into_another(
+    local_host: HostFactory,
+    tenant_env: dict[str, str],
+    azurite: Azurite,
+    app_env: dict[str, str],
+    defender: DefenderSimulator,
+    entra: EntraTokenService,
+    identity: IdentityEndpoint,
+) -> None:
+    defender.action_progression = ["Pending"]  # the actions stay cancellable
+    crown, vip = ["Crown-Jewels"], ["VIP"]
+    for who, n, tags in ((CONTOSO, 1, crown), (CONTOSO, 2, vip), (FABRIKAM, 1, crown), (HOME, 1, vip)):
+        defender.add_machine(machine(who, n), machineTags=tags)
+    # Contoso's second plain machine is throttled once: Contoso's budget backs off, no other.
+    defender.script(machine(CONTOSO, 3), Reply.error(429, "TooManyRequests", **{"Retry-After": "1"}))
+    host = local_host(
+        **{
+            **tenant_env,
+            "OFFBOARD_BREAKER_LIMIT": "3",
+            "OFFBOARD_PROTECTED_TAGS": "VIP",  # the deployment's protection
+            f"OFFBOARD_PROTECTED_TAGS__{CONTOSO}": "Crown-Jewels",  # Contoso's own, instead of it
+        }
+    )
+
+    def batch(who: str | None, *numbers: int) -> list[dict[str, Any]]:
+        body = {"requests": [{"machineId": machine(who or HOME, n)} for n in numbers], **tenant(who)}
+        results: list[dict[str, Any]] = host.post("/api/offboard", body).json()["results"]
+        return results
+
+    contoso = batch(CONTOSO, 1, 2, 3, 4)
+    fabrikam = batch(FABRIKAM, 1, 2, 3)
+    home = batch(None, 1, 2)
+    # The breaker counts per tenant: Contoso's fourth is held, and nothing of anyone else.
+    assert [r["status"] for r in contoso] == ["Queued"] * 3 + ["Held"]
+    assert (
+        contoso[3]["heldReason"]["code"] == "BreakerTripped"
+        and "(limit 3)" in contoso[3]["heldReason"]["message"]
+    )
+    assert [r["status"] for r in fabrikam + home] == ["Queued"] * 5
+    assert f"Blast-radius breaker tripped for tenant {CONTOSO}" in host.log()
+
+    # Protection per tenant: Contoso's own tags replace the deployment's, for Contoso only.
+    ids = {
+        (t, n): r["requestId"]
+        for t, rs in ((CONTOSO, contoso), (FABRIKAM, fabrikam), (HOME, home))
+        for n, r in enumerate(rs, 1)
+    }
+    until(
+        lambda: all(
+            status(host, ids[k])["status"] not in ("Queued", "Throttled") for k in ids if k != (CONTOSO, 4)
+        )
+    )
+
+    def outcome(request_id: str) -> str:
+        found = status(host, request_id)
+        if found["status"] in ("Submitted", "Pending"):
+            return "Sent"
+        text: str = found["status"]
+        return text + (f"/{found['lastError']['code']}" if "lastError" in found else "")
+
+    assert {k: outcome(i) for k, i in ids.items()} == {
+        (CONTOSO, 1): "Rejected/ProtectedDevice",  # Crown-Jewels, in Contoso
+        (CONTOSO, 2): "Sent",  # VIP protects the home tenant and Fabrikam, not Contoso
+        (CONTOSO, 3): "Sent",  # throttled once, then sent
+        (CONTOSO, 4): "Held",
+        (FABRIKAM, 1): "Sent",  # Crown-Jewels means nothing in Fabrikam
+        (FABRIKAM, 2): "Sent",
+        (FABRIKAM, 3): "Sent",
+        (HOME, 1): "Rejected/ProtectedDevice",  # VIP, in the home tenant
+        (HOME, 2): "Sent",
+    }
+    # The 429 backed off Contoso's offboard budget only.
+    budgets = {
+        r["RowKey"]: r["BlockedUntil"]
+        for r in table_rows(azurite, app_env["OFFBOARD_QUEUE_NAME"])
+        if r["PartitionKey"] == "offboard"
+    }
+    assert len(defender.offboard_calls(machine(CONTOSO, 3))) == 2  # the 429, then the offboard
+    assert budgets[f"budget-{CONTOSO}"] > 0 and budgets[f"budget-{FABRIKAM}"] == budgets["budget"] == 0
+    assert defender.throttled == []  # and no 429 of the simulator's own limits, anywhere
+
+    # Releasing Contoso's held request, and cancelling one, act in Contoso with Contoso's token.
+    released = requests.post(
+        f"{host.url}/api/offboard/{ids[(CONTOSO, 4)]}/release",
+        headers={"x-functions-key": LOCAL_MASTER_KEY},
+        timeout=10,
+    )
+    assert released.status_code == 200
+    settled(host, [ids[(CONTOSO, 4)]], "Submitted", "Pending")
+    cancelled = host.post(f"/api/offboard/{ids[(CONTOSO, 2)]}/cancel", {"comment": "wrong device"})
+    assert cancelled.status_code == 200 and cancelled.json()["status"] == "Cancelled"
+    [cancel] = [c for c in defender.calls if c.path.endswith("/cancel")]
+    assert cancel.tenant == CONTOSO
+    assert_each_call_carries_its_own_tenants_token(defender, entra, identity)
+    # Every exchange presented the user-assigned identity's exchange token, and only that.
+    assertions = {r.assertion for r in entra.requests}
+    assert assertions and all(
+        (a, EXCHANGE, IDENTITY) in [(t, r, c) for t, r, c in identity.issued] for a in assertions
+    )
