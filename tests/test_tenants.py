@@ -595,16 +595,12 @@ def test_nothing_of_one_tenant_leaks_into_another(
     )
 
 
-# ---- a known gap -------------------------------------------------------------------------
+# ---- a cold sign-in ----------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the worker reserves a read's slot (precheck, lookup, status check) before it gets the "
-    "tenant's token (shared/worker/offboard.py _read_slot); the offboard's slot comes after the "
-    "token (_slot). A cold instance's first sign-in in a tenant (two hops: the identity, then Entra) "
-    "makes those reads late for their slots, and the read after them is refused with 429.",
-)
+# Every read's slot is taken after the tenant's token (Calls.warm_up), as the offboard's is: a
+# cold instance's first sign-in in a tenant (two hops: the identity, then Entra) must not make
+# the reads late for their slots, or the read after them would be refused with 429.
 def test_a_slow_first_sign_in_does_not_make_reads_late_for_their_slots(
     local_host: HostFactory, tenant_env: dict[str, str], defender: DefenderSimulator, entra: EntraTokenService
 ) -> None:

@@ -102,13 +102,14 @@ def classify(
                 RetryKind.TRANSIENT,
                 _whole_seconds(delay / 2 + rng.uniform(0, delay / 2)),
                 "TokenUnavailable",
-                f"the managed identity gave no token ({result}); trying again shortly",
+                f"no token ({result}); trying again shortly",
             )
         if isinstance(result, TokenUnavailable):
             return _configuration(
                 "TokenUnavailable",
-                f"the managed identity gave no token ({result}); check the app's identity, "
-                "MANAGED_IDENTITY_CLIENT_ID and DEFENDER_API_SCOPE",
+                f"no token ({result}); check the app's identity, MANAGED_IDENTITY_CLIENT_ID and "
+                "DEFENDER_API_SCOPE, and for a customer tenant MULTITENANT_APP_CLIENT_ID and that "
+                "tenant's consent (infra/add-tenant.sh)",
                 failures,
                 policy,
             )

@@ -4,6 +4,7 @@ operation again before then."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 from collections.abc import Callable
@@ -51,6 +52,13 @@ class Calls:
     policy: RetryPolicy
     rng: random.Random
     clock: Callable[[], datetime]
+
+    def warm_up(self, tenant: str | None) -> None:
+        """The tenant's token now, before a slot is taken: a slot is a promise to call at that
+        moment, and a first token (the identity, then Entra, for a customer tenant) fetched
+        after it would make the call late. No token is classified by the call that needs it."""
+        with contextlib.suppress(DefenderCallError):
+            self.defender.warm_up(tenant)
 
     def make(
         self,

@@ -37,6 +37,7 @@ class FollowUp:
     clock: Callable[[], datetime]
 
     def check(self, message: ActionCheckMessage) -> None:
+        self.calls.warm_up(message.tenant_id)
         slot = self.pacer.admit(ACTION_READ, message.slot_at, message.tenant_id)
         if slot is not None:  # the same check, carrying its slot, shortly before it
             self.queue.send(replace(message, slot_at=slot), self.pacer.requeue_delay(slot))

@@ -21,7 +21,6 @@ heal), the row is read and the delivery decides again, once (`_decide`).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -32,7 +31,6 @@ from ..adapters.guards import Guards, Held, machine_key
 from ..adapters.queues import WorkQueue
 from ..adapters.request_store import NewRequest, RequestStore, StaleRecord
 from ..domain import audit
-from ..domain.errors import DefenderCallError
 from ..domain.guardrails import Protection, verdict
 from ..domain.messages import OffboardMessage
 from ..domain.outcome import Failed, Requeue, RetryKind, Succeeded
@@ -266,8 +264,7 @@ class OffboardFlow:
         call at that moment, and a first token request (hundreds of milliseconds) after taking
         it would make the call late. No token is classified by the call that needs it."""
         m = d.message
-        with contextlib.suppress(DefenderCallError):
-            self.calls.defender.warm_up(m.tenant_id)
+        self.calls.warm_up(m.tenant_id)
         slot = self.pacer.admit(OFFBOARD, m.slot_at, m.tenant_id)
         if slot is None:
             return True
@@ -332,6 +329,7 @@ class OffboardFlow:
         """The offboard action to follow: its id; "" when there is none; None when the lookup
         could not be made now (the message was re-queued to make it later)."""
         m = d.message
+        self.calls.warm_up(m.tenant_id)
         slot = self.pacer.admit(ACTION_READ, None, m.tenant_id)
         if slot is not None:
             if since is None:
@@ -360,6 +358,7 @@ class OffboardFlow:
     def _read_slot(self, d: Delivery) -> bool:
         """A read (lookup, precheck) spends its own budget; a far slot re-queues the request
         carrying that slot, so it is not taken again at the back of the line."""
+        self.calls.warm_up(d.message.tenant_id)
         slot = self.pacer.admit(MACHINE_READ, d.message.read_slot_at, d.message.tenant_id)
         if slot is None:
             d.message = replace(d.message, read_slot_at=None)

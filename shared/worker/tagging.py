@@ -84,6 +84,7 @@ class Tagging:
     pacer: Pacer
 
     def handle(self, message: TagMessage) -> None:
+        self.calls.warm_up(message.tenant_id)
         slot = self.pacer.admit(MACHINE_TAG, message.slot_at, message.tenant_id)
         if slot is not None:
             self.queue.send(replace(message, slot_at=slot), self.pacer.requeue_delay(slot))
