@@ -99,7 +99,7 @@ def test_a_pending_offboard_whose_action_cannot_be_found_ends_with_a_note(
     record = services.store.get(message.request_id)
     assert record is not None and record.status == "Pending" and record.action_id is None
     # Final, so the poll ends and the machine is free for a later request.
-    assert record.final and "not found" in (record.note or "")
+    assert record.final and "could not be found" in (record.note or "")
     submissions = services.submissions(lambda r: r)
     later = submissions.submit(OffboardRequest(MACHINE, "again"), Caller("agent:test"))
     assert later.body["requestId"] != record.request_id and "existingRequest" not in later.body
