@@ -16,14 +16,17 @@ from __future__ import annotations
 import json
 import os
 import re
+import tempfile
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
 import requests
 import schemathesis
+from hypothesis.configuration import set_hypothesis_home_dir
 from schemathesis.checks import not_a_server_error
 from schemathesis.core.failures import FailureGroup
 from schemathesis.openapi.checks import JsonSchemaError, UndefinedContentType, UndefinedStatusCode
@@ -44,6 +47,9 @@ from shared.http.openapi import DOCUMENT
 from shared.runtime import Services
 from tests.conftest import MACHINE, RunningHost, adopt
 
+# Hypothesis keeps caches (constants, unicode data) in `.hypothesis` under the working
+# directory, which is the repository: the deployment zip would take them (test_package).
+set_hypothesis_home_dir(Path(tempfile.gettempdir()) / "defender-offboard-hypothesis")
 HostFactory = Callable[..., RunningHost]
 SEED = 20261201
 # Per operation, on top of the coverage phase's cases (about 450 for POST /offboard, a few
