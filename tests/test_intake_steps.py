@@ -388,3 +388,9 @@ def test_a_single_requests_batch_id_leads_to_a_batch_of_one(intake) -> None:
     batch = listing.batch(batch_id, CALLER)
     assert batch["total"] == 1 and batch["items"][0]["requestId"] == request_id
     assert batch["format"] == "native" and batch["counts"] == {"Queued": 1}
+
+
+def test_since_takes_rfc_3339_times_in_either_case() -> None:
+    from shared.intake.listing import since_of
+
+    assert since_of("2026-12-01t09:00:00z") == since_of("2026-12-01T09:00:00Z") == 1_796_115_600.0

@@ -93,7 +93,7 @@ def since_of(raw: str | None) -> float | None:
     if not raw:
         return None
     try:
-        when = datetime.fromisoformat(raw.replace("Z", "+00:00"))
+        when = datetime.fromisoformat(raw.upper().replace("Z", "+00:00"))  # RFC 3339 allows t and z
     except ValueError:
         raise InvalidInput(
             "InvalidSince", "since must be an ISO 8601 time, e.g. 2026-12-01T09:00:00Z"
