@@ -12,8 +12,8 @@ from typing import Any
 
 import requests
 
-from ..domain.errors import ConnectionFailed, NoResponse
 from ..domain.messages import ACTION_ID, MACHINE_ID
+from .bearer import bearer_request
 from .tokens import TokenProvider
 from .transport import ca_bundle, needs_environment
 
@@ -98,24 +98,10 @@ class DefenderClient:
         tenant: str | None = None,
     ) -> requests.Response:
         token = self._tokens.token(tenant)
-        try:
-            return self._session.request(
-                method,
-                self._base_url + path,
-                json=body,  # requests sets Content-Type: application/json when there is one
-                params=params,
-                headers={"Authorization": f"Bearer {token}"},
-                timeout=self._timeout,
-                # A redirect is not part of this API; following one could carry the token
-                # somewhere unexpected.
-                allow_redirects=False,
-            )
-        except requests.ConnectionError as exc:  # includes ConnectTimeout
-            raise ConnectionFailed(_short(exc)) from exc
-        except requests.Timeout as exc:
-            raise NoResponse(f"no answer within {self._timeout[1]:g}s") from exc
-        except requests.RequestException as exc:
-            raise NoResponse(_short(exc)) from exc
+        # requests sets Content-Type: application/json when there is a body
+        return bearer_request(
+            self._session, method, self._base_url + path, token, self._timeout, json=body, params=params
+        )
 
 
 def _checked_machine_id(machine_id: str) -> str:
@@ -129,7 +115,3 @@ def _checked_action_id(action_id: str) -> str:
     if not ACTION_ID.fullmatch(action_id):
         raise ValueError("action id must be a GUID")
     return action_id
-
-
-def _short(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {str(exc)[:300]}"

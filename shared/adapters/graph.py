@@ -38,7 +38,7 @@ from urllib.parse import urlsplit
 
 import requests
 
-from ..domain.errors import ConnectionFailed, NoResponse
+from .bearer import bearer_request
 from .tokens import TokenProvider
 from .transport import needs_environment
 
@@ -104,21 +104,7 @@ class GraphClient:
             return False
 
     def _get(self, url: str, params: dict[str, str] | None) -> requests.Response:
-        token = self._tokens.token()
-        try:
-            return self._session.get(
-                url,
-                params=params,
-                headers={"Authorization": f"Bearer {token}"},
-                timeout=self._timeout,
-                allow_redirects=False,
-            )
-        except requests.ConnectionError as exc:  # includes ConnectTimeout
-            raise ConnectionFailed(_short(exc)) from exc
-        except requests.Timeout as exc:
-            raise NoResponse(f"no answer within {self._timeout[1]:g}s") from exc
-        except requests.RequestException as exc:
-            raise NoResponse(_short(exc)) from exc
+        return bearer_request(self._session, "GET", url, self._tokens.token(), self._timeout, params=params)
 
 
 def graph_time(moment: datetime) -> str:
@@ -133,7 +119,3 @@ def _origin(url: str) -> tuple[str, str, int | None]:
         raise ValueError("not an absolute URL")
     port = parts.port or {"https": 443, "http": 80}.get(parts.scheme)
     return parts.scheme.lower(), parts.hostname.lower(), port
-
-
-def _short(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {str(exc)[:300]}"
