@@ -14,10 +14,10 @@ from typing import IO, Any, NoReturn, cast
 
 from . import __version__, commands, submit
 from .client import DEFAULT_RETRIES, Client
-from .errors import INTERRUPTED, NOT_ALL_DONE, USAGE, CliError, ServiceError, UsageError
+from .errors import INTERRUPTED, NOT_ALL_DONE, USAGE, CliError, InvalidRows, ServiceError, UsageError
 from .inputs import check_comment, read_devices
 from .keys import scrub
-from .output import Out, no_broken_pipe, writable
+from .output import Out, no_broken_pipe, plural, writable
 from .target import Where, where
 
 PROG = "scripts/offboard"
@@ -65,15 +65,18 @@ recognised as the service does: 40 hexadecimal characters = machineId, a GUID = 
 a DNS name = deviceName (but 32+ hex characters that are not 40 are refused, not looked up);
 blank lines and # comments are skipped. Row numbers are line numbers.
 
-Every row is checked first; a file with bad rows is refused whole (exit 2), each bad row listed
-with its line and why, unless --skip-invalid. Rows go in batches of up to 50, each with an
-idempotency key from the file's contents and its line (cli:<sha256>:<line>): running the same
-file again (after Ctrl-C, a crash, a network error) creates no new request for rows already
-accepted; they say `replayed`. Editing the file makes new keys.
+Every row is checked first, and a device named twice (the same machineId, aadDeviceId or
+deviceName, in any case) is a bad row too; a file with bad rows is refused whole (exit 2),
+each bad row listed with its line and why, unless --skip-invalid. Rows go in batches of up
+to 50, each with an idempotency key from the file's contents and its line
+(cli:<sha256>:<line>): running the same file again (after Ctrl-C, a crash, a network error)
+creates no new request for rows already accepted; they are `replayed`, and show their
+request's current status. Editing the file makes new keys.
 
 --out writes one row per input row, in input order: row,input,requestId,machineId,status,
-errorCode,errorMessage. status is the request's (with --wait its final one), `replayed` for a
-row an earlier run had sent, Invalid / Rejected / NotSent / Error for rows not accepted.
+errorCode,errorMessage. status is the request's (with --wait its final one); for rows not
+accepted: Invalid (refused by this command), Refused (refused by the service, no request
+made), NotSent (the run stopped first), Error (the service refused the whole batch).
 
 examples:
   scripts/offboard submit devices.csv --dry-run                 # everything but the offboard
@@ -101,7 +104,8 @@ examples:
 """
 
 HELD_HELP = """\
-Requests the blast-radius breaker (or OFFBOARD_APPROVAL=always) is holding, with why.
+Requests the blast-radius breaker (or OFFBOARD_APPROVAL=always) is holding: who asked
+(the request's caller), its comment, and why it is held.
 
 examples:
   scripts/offboard held
@@ -245,10 +249,13 @@ def main(
     except CliError as exc:
         out.error(str(exc))
         if out.json_mode:
+            error: dict[str, Any]
             if isinstance(exc, ServiceError):
                 error = {"code": exc.code, "message": exc.message, "status": exc.status}
             else:
                 error = {"code": type(exc).__name__, "message": str(exc)}
+            if isinstance(exc, InvalidRows):
+                error["rows"] = exc.rows
             out.document({"error": error})
         return exc.exit_code
     except KeyboardInterrupt:
@@ -317,8 +324,13 @@ def _run(
     if args.command == "held":
         return commands.held(client(), out)
     if args.command == "release":
-        if bool(args.ids) == bool(args.all):
-            raise UsageError("release takes request ids, or --all (not both)")
+        if not args.ids and not args.all:
+            raise UsageError(
+                "release needs the ids of the held requests to release (`scripts/offboard held` "
+                "lists them), or --all for every held request"
+            )
+        if args.ids and args.all:
+            raise UsageError("release takes request ids or --all, not both")
         request_ids = [commands.request_id_of(i) for i in args.ids]
         return commands.release(client(admin=True), request_ids, args.all, out)
     if args.command == "audit":
@@ -361,10 +373,15 @@ def _submit(
         out.note(note)
     if devices.invalid and not args.skip_invalid:
         for row in devices.invalid:
-            out.error(f"{name} line {row.number}: {row.code}: {row.message} (input {_quoted(row.text)})")
-        raise UsageError(
-            f"{name}: {len(devices.invalid)} of {len(devices.rows)} rows cannot be sent; nothing was sent "
-            "(fix them, or --skip-invalid to send the others)"
+            shown = f" (input {_quoted(row.text)})" if row.text else ""
+            out.error(f"{name} line {row.number}: {row.code}: {row.message}{shown}")
+        raise InvalidRows(
+            f"{name}: {len(devices.invalid)} of {plural(len(devices.rows), 'row')} cannot be sent; "
+            "nothing was sent (fix them, or --skip-invalid to send the others)",
+            [
+                {"row": r.number, "input": r.text, "errorCode": r.code, "errorMessage": r.message}
+                for r in devices.invalid
+            ],
         )
     options = submit.Options(
         comment=(args.comment or "").strip() or None,

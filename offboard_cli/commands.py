@@ -14,7 +14,7 @@ from shared.domain.statuses import Status
 from .client import Client, raise_for_error
 from .errors import NOT_ALL_DONE, OK, ServiceError, UsageError
 from .inputs import MACHINE_ID
-from .output import Out, write_csv
+from .output import Out, plural, write_csv
 
 AUDIT_COLUMNS = ("at", "requestId", "event", "outcome", "detail", "caller", "machineId", "tenantId")
 MAX_PAGES = 1000  # 100,000 requests: a `next` that never ends is a service bug, not a list
@@ -100,6 +100,13 @@ def why_of(view: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
+def why_held(view: dict[str, Any]) -> str:
+    reason = view.get("heldReason")
+    if not isinstance(reason, dict):
+        return ""
+    return f"{reason.get('code') or ''}: {reason.get('message') or ''}".strip(": ")
+
+
 def requests_table(out: Out, views: list[dict[str, Any]], title: str | None = None) -> None:
     out.table(
         ("requestId", "device", "status", "updated", "why"),
@@ -114,6 +121,7 @@ def requests_table(out: Out, views: list[dict[str, Any]], title: str | None = No
             for v in views
         ),
         title=title,
+        wrap=("why",),
     )
 
 
@@ -142,7 +150,7 @@ def status(client: Client, request_ids: list[str], out: Out) -> int:
     else:
         for batch_view in batches:
             out.say(
-                f"batch {batch_view.get('batchId')}: {batch_view.get('total')} requests, "
+                f"batch {batch_view.get('batchId')}: {plural(int(batch_view.get('total') or 0), 'request')}, "
                 f"{'final' if batch_view.get('final') else 'not final yet'}"
             )
         if views:
@@ -158,9 +166,9 @@ def list_requests(client: Client, params: dict[str, str], out: Out, *, title: st
         out.document({"requests": views})
         return OK
     if not views:
-        out.say("no requests match" + (f" ({_describe(params)})" if params else " (the last 7 days)"))
+        out.say(f"no requests match: {_describe(params)}")
         return OK
-    requests_table(out, views, title=title or f"{len(views)} requests, newest first")
+    requests_table(out, views, title=title or f"{plural(len(views), 'request')}, newest first")
     return OK
 
 
@@ -173,18 +181,20 @@ def held(client: Client, out: Out) -> int:
         out.say("no held requests")
         return OK
     out.table(
-        ("requestId", "device", "held since", "heldReason", "why"),
+        ("requestId", "device", "held since", "caller", "comment", "why held"),
         (
             [
                 v.get("requestId"),
                 device_of(v),
                 v.get("createdAt"),
-                (v.get("heldReason") or {}).get("code"),
-                (v.get("heldReason") or {}).get("message"),
+                v.get("caller"),
+                v.get("comment"),
+                why_held(v),
             ]
             for v in views
         ),
-        title=f"{len(views)} held requests",
+        title=f"{plural(len(views), 'held request')}",
+        wrap=("caller", "comment", "why held"),
     )
     out.note("release them with `scripts/offboard release ID...` or `--all` (the master key)")
     return OK
@@ -227,7 +237,7 @@ def release(admin: Client, request_ids: list[str], everything: bool, out: Out) -
     else:
         for request_id in released:
             out.say(f"released {request_id} (queued again)")
-        out.say(f"released {len(released)} request{'s' if len(released) != 1 else ''}")
+        out.say(f"released {plural(len(released), 'request')}")
     for refusal in refused:
         out.error(f"{refusal['requestId']}: {refusal['code']}: {refusal['message']}")
     return NOT_ALL_DONE if refused else OK
@@ -247,7 +257,7 @@ def audit(client: Client, request_id: str | None, since: str | None, out: Out, c
     events = [e for e in reply.body.get("events", []) if isinstance(e, dict)]
     if csv_path is not None:
         write_csv(csv_path, AUDIT_COLUMNS, ([e.get(c) for c in AUDIT_COLUMNS] for e in events))
-        out.note(f"{len(events)} events written to {csv_path}")
+        out.note(f"{plural(len(events), 'event')} written to {csv_path}")
     if out.json_mode:
         body: dict[str, Any] = {"events": events}
         if request_id is not None:
@@ -263,9 +273,18 @@ def audit(client: Client, request_id: str | None, since: str | None, out: Out, c
                     [e.get(c) for c in ("at", "requestId", "event", "outcome", "detail", "caller")]
                     for e in events
                 ),
+                wrap=("detail", "caller"),
             )
     return OK
 
 
 def _describe(params: dict[str, str]) -> str:
-    return ", ".join(f"{k}={v}" for k, v in params.items())
+    """The filters of a list, with the window it looked in (a batch is read whole)."""
+    filters = [f"{k}={v}" for k, v in params.items() if k != "since"]
+    if "batchId" in params:
+        window = ""
+    elif "since" in params:
+        window = f"created since {params['since']}"
+    else:
+        window = "created in the last 7 days (--since for longer, e.g. --since 30d)"
+    return ", ".join([*filters, window] if window else filters)

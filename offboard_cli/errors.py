@@ -20,6 +20,15 @@ class UsageError(CliError):
     exit_code = USAGE
 
 
+class InvalidRows(UsageError):
+    """A device file with rows that cannot be sent; `rows` lists each (row, input, errorCode,
+    errorMessage) for `--json`."""
+
+    def __init__(self, message: str, rows: list[dict[str, object]]) -> None:
+        super().__init__(message)
+        self.rows = rows
+
+
 class Unreachable(CliError):
     """No usable answer from the service after the retries (connection errors, timeouts,
     502/503/504/429), or an answer that shows the URL is not the app's."""

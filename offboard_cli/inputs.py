@@ -16,6 +16,8 @@ line numbers in the file, which is what an editor shows.
   lines and `#` comments are skipped. One refusal the service would not make, because it
   never guesses a kind: 32 or more hexadecimal characters, but not 40, are a damaged machine
   id (or a GUID without hyphens), not a host name to look up.
+- Either form: a device named twice (the same machine id, Entra device id or name, in any
+  case, and tenant) is a bad row, "the same device as line N".
 """
 
 from __future__ import annotations
@@ -97,7 +99,29 @@ def read_devices(name: str, data: bytes) -> DeviceFile:
         rows, notes, form = _list_rows(lines), [], "list"
     if not rows:
         raise UsageError(f"{name} has a header but no device rows")
-    return DeviceFile(name, digest_of(data), form, rows, notes)
+    return DeviceFile(name, digest_of(data), form, _without_repeats(rows), notes)
+
+
+def _without_repeats(rows: list[Row]) -> list[Row]:
+    """A device named twice in one file is a bad row (the second naming): the service would
+    make one request and refuse the other as a duplicate, after the first was sent. Compared
+    as the service compares them: identifiers in lower case (Lookup and the machine id rule
+    lower them), the same kind, the same tenant. A name and a machine id of one device are
+    told apart only by the service, once it has looked the name up."""
+    first: dict[tuple[str, str, str | None], int] = {}
+    kept = []
+    for row in rows:
+        if row.item is not None:
+            by = next(kind for kind in ID_COLUMNS if kind in row.item)
+            device = (by, str(row.item[by]), row.item.get("tenantId"))
+            if device in first:
+                row = Row(
+                    row.number, row.text, None, "DuplicateDevice", f"the same device as line {first[device]}"
+                )
+            else:
+                first[device] = row.number
+        kept.append(row)
+    return kept
 
 
 def check_comment(value: str, what: str = "comment") -> str | None:
@@ -236,11 +260,6 @@ def _header(name: str, cells: list[str]) -> tuple[dict[str, int], list[str]]:
     return columns, ignored
 
 
-def delimiter_free(cells: list[str]) -> str:
-    """A row without a device, as the results' `input` shows it."""
-    return " ".join(c for c in cells if c)[:200]
-
-
 def _csv_row(number: int, cells: list[str], columns: dict[str, int], width: int) -> Row:
     def cell(column: str) -> str:
         index = columns.get(column)
@@ -248,7 +267,7 @@ def _csv_row(number: int, cells: list[str], columns: dict[str, int], width: int)
 
     extra = [c for c in cells[width:] if c]
     present = [(by, cell(by)) for by in ID_COLUMNS if cell(by)]
-    text = present[0][1] if present else delimiter_free(cells)
+    text = present[0][1] if present else ""  # the results' `input`: the device as named, or none
     if extra:
         return Row(number, text, None, "InvalidRow", f"{len(cells)} fields, but the header names {width}")
     if not present:

@@ -13,12 +13,15 @@ import io
 import json
 import os
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any, cast
 
 from .errors import UsageError
 from .keys import scrub
+
+# The narrowest a column that may wrap is drawn before a table goes to one block per row.
+MIN_WRAP_WIDTH = 16
 
 
 class Scrubbed(io.TextIOBase):
@@ -78,16 +81,21 @@ class Out:
     def document(self, value: Any) -> None:
         print(json.dumps(value, indent=2, ensure_ascii=False), file=self.stdout, flush=True)
 
-    def table(self, headers: Sequence[str], rows: Iterable[Sequence[Any]], title: str | None = None) -> None:
+    def table(
+        self,
+        headers: Sequence[str],
+        rows: Iterable[Sequence[Any]],
+        title: str | None = None,
+        *,
+        wrap: Collection[str] = (),
+    ) -> None:
+        """Rows under `headers`. Only the columns named in `wrap` (messages, comments) may
+        wrap; every other cell (ids, statuses, times) is printed whole, never cut or broken.
+        On a terminal too narrow for that, each row is printed as a block of `header value`
+        lines instead (as psql's expanded display), so an id is never cut to fit."""
         cells = [[_text(c) for c in row] for row in rows]
         if self.fancy:
-            from rich.console import Console
-            from rich.table import Table
-
-            table = Table(*headers, title=title, title_justify="left", show_lines=False)
-            for row in cells:
-                table.add_row(*row)
-            Console(file=cast(IO[str], self.human), highlight=False).print(table)
+            self._rich_table(headers, cells, title, frozenset(wrap))
             return
         if title:
             self.say(title)
@@ -95,6 +103,50 @@ class Out:
         lines = [headers, *cells]
         for line in lines:
             self.say("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip())
+
+    def _rich_table(
+        self, headers: Sequence[str], cells: list[list[str]], title: str | None, wrap: frozenset[str]
+    ) -> None:
+        from rich.console import Console
+        from rich.table import Table
+
+        console = Console(file=cast(IO[str], self.human), highlight=False)
+        longest = [max([len(h), *(len(r[i]) for r in cells)]) for i, h in enumerate(headers)]
+        needed = sum(
+            min(width, MIN_WRAP_WIDTH) if header in wrap else width
+            for header, width in zip(headers, longest, strict=True)
+        )
+        # A rich table draws a line before each column and after the last, and pads every
+        # cell with a space on each side.
+        if needed + 3 * len(headers) + 1 <= console.width:
+            table = Table(title=title, title_justify="left", show_lines=False)
+            for header, width in zip(headers, longest, strict=True):
+                if header in wrap:
+                    table.add_column(header, overflow="fold")
+                else:
+                    table.add_column(header, no_wrap=True, min_width=width)
+            for row in cells:
+                table.add_row(*row)
+            console.print(table)
+            return
+        if title:
+            console.print(title)
+        label_width = max(len(h) for h in headers)
+        for number, row in enumerate(cells):
+            block = Table.grid(padding=(0, 2))
+            block.add_column(no_wrap=True, min_width=label_width, style="dim")
+            block.add_column(overflow="fold")
+            for header, value in zip(headers, row, strict=True):
+                if value:
+                    block.add_row(header, value)
+            if number:
+                console.print()
+            console.print(block)
+
+
+def plural(count: int, word: str, many: str | None = None) -> str:
+    """`1 row`, `2 rows`; `many` for words that do not take an s (`batch`, `batches`)."""
+    return f"{count} {word if count == 1 else (many or word + 's')}"
 
 
 def _text(value: Any) -> str:

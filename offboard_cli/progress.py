@@ -7,6 +7,8 @@ import time
 from collections import Counter
 from typing import IO, TYPE_CHECKING, Any, Protocol, cast
 
+from .output import plural
+
 if TYPE_CHECKING:
     from .output import Out
     from .submit import Result
@@ -19,6 +21,22 @@ class Display(Protocol):
     def changed(self, result: Result, before: str) -> None: ...
     def tick(self) -> None: ...
     def end(self) -> None: ...
+
+
+class Silent:
+    """Shows nothing: for reading the current views of replayed rows, which is no change."""
+
+    def begin(self, interval: float) -> None:
+        pass
+
+    def changed(self, result: Result, before: str) -> None:
+        pass
+
+    def tick(self) -> None:
+        pass
+
+    def end(self) -> None:
+        pass
 
 
 def display_for(out: Out, results: list[Result]) -> Display:
@@ -40,6 +58,14 @@ def counts_text(results: list[Result]) -> str:
     return ", ".join(f"{n} {s}" for s, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
+def _waiting_for(results: list[Result]) -> str:
+    """`3 requests`, or `1 of 3 requests` when some are final already (replayed rows)."""
+    unfinished = sum(1 for r in results if not r.final)
+    if unfinished == len(results):
+        return plural(len(results), "request")
+    return f"{unfinished} of {plural(len(results), 'request')}"
+
+
 class PlainDisplay:
     def __init__(self, out: Out, results: list[Result]) -> None:
         self.out = out
@@ -47,7 +73,7 @@ class PlainDisplay:
 
     def begin(self, interval: float) -> None:
         self.out.say(
-            f"waiting for {len(self.results)} requests (checking every {interval:g} s; "
+            f"waiting for {_waiting_for(self.results)} (checking every {interval:g} s; "
             f"Ctrl-C stops waiting and cancels nothing): {counts_text(self.results)}"
         )
 

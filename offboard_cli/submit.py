@@ -31,8 +31,8 @@ from shared.domain.statuses import TERMINAL
 from .client import Client, raise_for_error
 from .errors import INTERRUPTED, NOT_ALL_DONE, OK, CliError, KeyRefused, ServiceError, Unreachable
 from .inputs import DeviceFile, Row
-from .output import Out, write_csv
-from .progress import Display, display_for
+from .output import Out, plural, write_csv
+from .progress import Display, Silent, display_for
 
 MAX_BATCH_ITEMS = 50  # the service's limit per call
 MAX_BATCH_BYTES = 60 * 1024  # under its 64 KiB body limit, which long comments can reach
@@ -40,9 +40,11 @@ MAX_BATCH_BYTES = 60 * 1024  # under its 64 KiB body limit, which long comments 
 RETRY_ITEM_CODES = frozenset({"IdempotentRequestInProgress", "RequestBeingAccepted", "StorageUnavailable"})
 SUCCESS = frozenset({"Succeeded", "DryRun"})
 RESULT_COLUMNS = ("row", "input", "requestId", "machineId", "status", "errorCode", "errorMessage")
-# The `status` of rows this run did not get accepted.
-INVALID, REJECTED, NOT_SENT, ERROR = "Invalid", "Rejected", "NotSent", "Error"
-REPLAYED = "replayed"
+# The `status` of rows this run did not get accepted: refused by this command (Invalid), by
+# the service at intake (Refused: no request was made, unlike a request that ends Rejected),
+# not sent (the run stopped first), or in a batch the service refused whole (Error).
+INVALID, REFUSED, NOT_SENT, ERROR = "Invalid", "Refused", "NotSent", "Error"
+REPLAYED = "replayed"  # how a batch line counts rows an earlier run had sent
 
 
 def idempotency_key(digest: str, line: int, dry_run: bool) -> str:
@@ -73,10 +75,11 @@ class Result:
     def device(self) -> str:
         return self.machine_id or (self.lookup or {}).get("value") or self.row.text
 
-    def reported_status(self, waited: bool) -> str:
-        """What the results say: the request's status, or `replayed` for a row an earlier run
-        of this file had sent (its answer is that first answer, not news)."""
-        return REPLAYED if self.replayed and not waited else self.status
+    @property
+    def sent_as(self) -> str:
+        """How the batch line counts it: `replayed` for a row an earlier run had sent (the
+        service answered with that first request), else its status."""
+        return REPLAYED if self.replayed else self.status
 
     def item(self, dry_run: bool) -> dict[str, Any]:
         assert self.row.item is not None and self.key is not None
@@ -87,7 +90,8 @@ class Result:
 
     def take_answer(self, answer: dict[str, Any]) -> None:
         """One item of the batch answer: the request it made (or replayed, or found), or why
-        it was refused."""
+        it was refused. A replay's answer is the first answer again (its status then, and the
+        device as named), so `refresh` reads its current view afterwards."""
         if isinstance(answer.get("requestId"), str):
             self.request_id = answer["requestId"]
             self.replayed = answer.get("replayed") is True
@@ -95,7 +99,7 @@ class Result:
             self.take_view(answer)
             return
         code, message = _error_of(answer.get("error"))
-        self.status, self.error_code, self.error_message = REJECTED, code, message
+        self.status, self.error_code, self.error_message = REFUSED, code, message
 
     def take_view(self, view: dict[str, Any]) -> None:
         """The request's status view (from a batch answer or a batch's status)."""
@@ -111,19 +115,19 @@ class Result:
         if isinstance(reason, dict) and self.status not in SUCCESS:
             self.error_code, self.error_message = _error_of(reason)
 
-    def as_csv(self, waited: bool) -> list[Any]:
+    def as_csv(self) -> list[Any]:
         return [
             self.row.number,
             self.row.text,
             self.request_id,
             self.machine_id,
-            self.reported_status(waited),
+            self.status,
             self.error_code,
             self.error_message,
         ]
 
-    def as_json(self, waited: bool) -> dict[str, Any]:
-        view: dict[str, Any] = dict(zip(RESULT_COLUMNS, self.as_csv(waited), strict=True))
+    def as_json(self) -> dict[str, Any]:
+        view: dict[str, Any] = dict(zip(RESULT_COLUMNS, self.as_csv(), strict=True))
         view.update(
             {
                 "requestStatus": self.status if self.accepted else None,
@@ -182,8 +186,9 @@ def send_batch(
     retries: int,
     sleep: Callable[[float], None],
 ) -> str | None:
-    """Posts one batch; every row of it gets its answer. The batch id, when one was made
-    (a batch whose rows are all replays makes none)."""
+    """Posts one batch; every row of it gets its answer. Returns the batch id, which the
+    service gives every batch that has a request in its answer (one of nothing but replays
+    too: its view lists them), or None when it refused every row."""
     todo = batch
     batch_id = None
     for attempt in range(retries + 1):
@@ -210,7 +215,7 @@ def send_batch(
                 result.error_message = "the service's answer has no result for this row"
                 continue
             result.take_answer(answer)
-            if result.status == REJECTED and result.error_code in RETRY_ITEM_CODES:
+            if result.status == REFUSED and result.error_code in RETRY_ITEM_CODES:
                 again.append(result)
         if not again or attempt == retries:
             break
@@ -239,9 +244,8 @@ class Follower:
             if result.request_id:
                 self.by_request.setdefault(result.request_id, []).append(result)
         # Each request is read in the view of the batch that answered for it (which lists the
-        # replays it answered too), else of the batch its id names (shared/domain/ids.py: a
-        # batch of nothing but replays makes no batch); an id of the older random layout has
-        # no batch and is read alone.
+        # replays it answered too), else of the batch its id names (shared/domain/ids.py); an
+        # id of the older random layout has no batch and is read alone.
         self.batches: dict[str, set[str]] = {}
         self.singles: set[str] = set()
         for request_id, of_request in self.by_request.items():
@@ -332,8 +336,8 @@ def run(
     valid = sum(len(g) for g in groups)
     mode = " (dry run)" if options.dry_run else ""
     out.say(
-        f"{file.name}: {len(results)} rows ({file.form}){mode}, {valid} to send in {len(groups)} "
-        f"batch{'es' if len(groups) != 1 else ''}"
+        f"{file.name}: {plural(len(results), 'row')} ({file.form}){mode}, {valid} to send in "
+        f"{plural(len(groups), 'batch', 'batches')}"
         + (f"; {len(results) - valid} invalid, skipped" if valid < len(results) else "")
     )
     batch_ids: list[str] = []
@@ -353,7 +357,8 @@ def run(
                 raise
             if batch_id:
                 batch_ids.append(batch_id)
-            out.say(f"batch {number}/{len(groups)}: {_counts(group, waited=False)}")
+            out.say(f"batch {number}/{len(groups)}: {_counts(r.sent_as for r in group)}")
+        refresh(client, results, sleep)
         if options.wait and any(r.accepted and not r.final for r in results):
             waited = True
             display = display_for(out, results)
@@ -370,7 +375,7 @@ def run(
         stopped = exc
     report(out, file, results, options, batch_ids, waited)
     if options.out is not None:
-        write_csv(options.out, RESULT_COLUMNS, (r.as_csv(waited) for r in results))
+        write_csv(options.out, RESULT_COLUMNS, (r.as_csv() for r in results))
         out.note(f"results written to {options.out}")
     if stopped is not None:
         out.error(str(stopped))
@@ -389,6 +394,16 @@ def run(
     if options.wait:
         return OK if all(r.status in SUCCESS for r in results) else NOT_ALL_DONE
     return OK if all(r.accepted for r in results) else NOT_ALL_DONE
+
+
+def refresh(client: Client, results: list[Result], sleep: Callable[[float], None]) -> None:
+    """Replayed rows got their first answer again (Queued or Held then, the device as it was
+    named); their current view is read through the batch routes, one call per batch, as
+    `--wait` reads them, so each says where its request is now (and its machine id, once a
+    lookup is resolved). Nothing is shown as a change: nothing changed during this run."""
+    replayed = [r for r in results if r.replayed and not r.final]
+    if replayed:
+        Follower(client, replayed, Silent(), 0.0, sleep).round()
 
 
 def resume_command(argv: list[str]) -> str:
@@ -412,8 +427,8 @@ def report(
                 "dryRun": options.dry_run,
                 "waited": waited,
                 "batchIds": batch_ids,
-                "counts": dict(Counter(r.reported_status(waited) for r in results)),
-                "rows": [r.as_json(waited) for r in results],
+                "counts": dict(Counter(r.status for r in results)),
+                "rows": [r.as_json() for r in results],
             }
         )
         return
@@ -422,35 +437,58 @@ def report(
     if shown:
         out.table(
             ("line", "input", "requestId", "status", "why"),
-            (
-                [r.row.number, r.row.text, r.request_id, r.reported_status(waited), _why(r, waited)]
-                for r in shown
-            ),
-            title=None if shown is results else f"{len(problems)} rows need a look (all rows: --out FILE)",
+            ([r.row.number, r.row.text, r.request_id, r.status, _why(r)] for r in shown),
+            title=None
+            if shown is results
+            else f"{plural(len(problems), 'row')} need a look (all rows: --out FILE)",
+            wrap=("why",),
         )
-    out.say(f"{'final' if waited else 'sent'}: {_counts(results, waited)}")
+    out.say(summary(results, waited))
     if any(r.error_code == "IdempotencyKeyReused" for r in results):
         out.note(
-            "IdempotencyKeyReused: this file was submitted before with another --comment, tenant or "
-            "dry-run setting; run it with the options it was first run with (its rows are already requests)"
+            "IdempotencyKeyReused: these rows were sent before as other requests: with another "
+            "--comment (rows without a comment of their own take it), or before the app's "
+            "OFFBOARD_DEFAULT_COMMENT or OFFBOARD_DRY_RUN setting changed. They are already "
+            "requests: run the file as it was first run, or change the file to send new ones"
         )
     held = [r for r in results if r.status == "Held"]
-    if held and not waited:
-        out.note(f"{len(held)} held: an operator releases them with `scripts/offboard release --all`")
+    if held:
+        out.note(
+            f"{plural(len(held), 'request')} held: an operator releases them with "
+            "`scripts/offboard release --all` (the master key)"
+        )
+
+
+def summary(results: list[Result], waited: bool) -> str:
+    """The last line: each row's status now, and whether that is the end. After `--wait`
+    was stopped (Ctrl-C, a lost service), the requests not yet final say `still`."""
+    unfinished = [r for r in results if r.accepted and not r.final]
+    if not waited:
+        text = "sent: " + _counts(r.status for r in results)
+    elif not unfinished:
+        text = "final: " + _counts(r.status for r in results)
+    else:
+        text = "not final: " + _counts(
+            f"still {r.status}" if r.accepted and not r.final else r.status for r in results
+        )
+    replays = sum(1 for r in results if r.replayed)
+    if replays:
+        text += f"; {replays} replayed (sent by an earlier run of this file, no new request)"
+    return text
 
 
 def _ok(result: Result, waited: bool) -> bool:
     return result.status in SUCCESS if waited else result.accepted
 
 
-def _why(result: Result, waited: bool) -> str:
+def _why(result: Result) -> str:
     parts = []
     if result.error_code:
         parts.append(
             f"{result.error_code}: {result.error_message}" if result.error_message else result.error_code
         )
-    if result.replayed and waited:
-        parts.append("replayed: sent by an earlier run of this file, no new request")
+    if result.replayed:
+        parts.append("replayed: an earlier run sent it")
     if result.existing:
         parts.append("already requested (an unfinished request for this device)")
     if result.note:
@@ -458,8 +496,8 @@ def _why(result: Result, waited: bool) -> str:
     return "; ".join(parts)
 
 
-def _counts(results: Iterable[Result], waited: bool) -> str:
-    counts = Counter(r.reported_status(waited) for r in results)
+def _counts(statuses: Iterable[str]) -> str:
+    counts = Counter(statuses)
     return ", ".join(f"{n} {status}" for status, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
 

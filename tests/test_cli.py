@@ -6,6 +6,7 @@ a subprocess (`python -m offboard_cli`, and `scripts/offboard`) or in-process th
 Two hosts serve the whole module (each test uses its own machines): `service`, whose
 breaker is out of the way, and `holding`, where OFFBOARD_APPROVAL=always holds every request
 for an operator. Every run is checked for the keys: they never appear in what it prints.
+One test starts `scripts/run-local --serve` itself, for the banner an operator reads first.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from localdev.loopback import LoopbackServer, QuietHandler
 from offboard_cli.cli import main
 from offboard_cli.commands import AUDIT_COLUMNS
 from offboard_cli.submit import RESULT_COLUMNS
+from shared.domain.statuses import Status
 
 ROOT = Path(__file__).resolve().parent.parent
 WRONG_KEY = "not-the-key-Zq81x0Pw=="  # what an operator might mistype; never to be shown
@@ -225,13 +227,79 @@ def test_a_csv_is_submitted_once_and_running_it_again_creates_nothing_new(
     [replayed_batch] = document["batchIds"]
     listed = cli(stack.service, "--json", "status", replayed_batch).json()["requests"]
     assert sorted(v["requestId"] for v in listed) == sorted(request_ids)
-    assert [r["status"] for r in document["rows"]] == ["replayed"] * 3
+    assert [r["replayed"] for r in document["rows"]] == [True] * 3
+    statuses = {s.value for s in Status}
+    assert all(r["status"] in statuses for r in document["rows"]), document["rows"]  # not `replayed`
     assert [r["requestId"] for r in results(out)] == request_ids
-    assert [r["status"] for r in results(out)] == ["replayed"] * 3
+    assert all(r["status"] in statuses for r in results(out))
 
     shown = cli(stack.service, "--json", "status", *request_ids).json()["requests"]
     assert [v["comment"] for v in shown] == ["row comment", "IR-7: lost laptops", "IR-7: lost laptops"]
     assert {v["batchId"] for v in shown} == {request_ids[0][:-3] + "000"}
+
+
+def test_a_re_run_shows_each_replayed_rows_current_status(stack: Stack, tmp_path: Path) -> None:
+    """The service answers a replay with the first answer (Queued, the name as named); the
+    command reads the current views, one call per batch, and invents no transition."""
+    device, named = machine(), machine()
+    name = f"pc-{named[:8]}.contoso.com"
+    stack.defender.add_machine(named, computer_dns_name=name)
+    devices = tmp_path / "devices.txt"
+    devices.write_text(f"{device}\n{name}\n")
+    first = cli(stack.service, "submit", str(devices), "--dry-run", "--wait", "--interval", "0.5")
+    assert first.code == 0 and "final: 2 DryRun\n" in first.stdout, first.text
+
+    with AnswerLosingProxy(stack.service.url, lose=0) as proxy:
+        where: dict[str, Any] = {"OFFBOARD_URL": proxy.url, "OFFBOARD_KEY": LOCAL_FUNCTION_KEY}
+        out = tmp_path / "results.csv"
+        again = cli(None, "--json", "submit", str(devices), "--dry-run", "--out", str(out), **where)
+        reads = [path for method, path, _ in proxy.seen if method == "GET"]
+    assert again.code == 0, again.text
+    rows = again.json()["rows"]
+    assert [(r["status"], r["requestStatus"], r["final"], r["replayed"]) for r in rows] == [
+        ("DryRun", "DryRun", True, True)
+    ] * 2
+    assert [r["machineId"] for r in rows] == [device, named]  # the name's machine, once resolved
+    assert again.json()["counts"] == {"DryRun": 2}
+    assert [(r["status"], r["machineId"]) for r in results(out)] == [("DryRun", device), ("DryRun", named)]
+    [batch_id] = again.json()["batchIds"]
+    assert reads == [f"/api/offboard/batches/{batch_id}"]  # one call for the batch, none per request
+
+    waited = cli(stack.service, "submit", str(devices), "--dry-run", "--wait")
+    assert waited.code == 0, waited.text
+    assert " -> " not in waited.stdout  # nothing changed during this run
+    assert "waiting for" not in waited.stdout  # nothing left to wait for
+    assert "batch 1/1: 2 replayed\n" in waited.stdout
+    assert "final: 2 DryRun; 2 replayed (sent by an earlier run of this file, no new request)\n" in (
+        waited.stdout
+    )
+    table = [line for line in waited.stdout.splitlines() if line.startswith(("1 ", "2 "))]
+    assert len(table) == 2
+    assert all(" DryRun " in line and "replayed: an earlier run sent it" in line for line in table)
+
+
+def test_a_device_named_twice_in_a_file_is_a_bad_row(stack: Stack, tmp_path: Path) -> None:
+    device, named = machine(), machine()
+    name = f"pc-{named[:8]}.contoso.com"
+    stack.defender.add_machine(named, computer_dns_name=name)
+    devices = tmp_path / "devices.csv"
+    devices.write_text(f"machineId,deviceName\n{device},\n,{name}\n{device.upper()},\n,{name.upper()}\n")
+    refused = cli(stack.service, "submit", str(devices))
+    assert refused.code == 2
+    assert f"line 4: DuplicateDevice: the same device as line 2 (input '{device.upper()}')" in refused.stderr
+    assert f"line 5: DuplicateDevice: the same device as line 3 (input '{name.upper()}')" in refused.stderr
+    assert "2 of 4 rows cannot be sent; nothing was sent" in refused.stderr
+
+    out = tmp_path / "results.csv"
+    skipped = cli(stack.service, "submit", str(devices), "--skip-invalid", "--out", str(out))
+    assert skipped.code == 1
+    assert [(r["row"], r["status"], r["errorCode"]) for r in results(out)] == [
+        ("2", "Queued", ""),
+        ("3", "Queued", ""),
+        ("4", "Invalid", "DuplicateDevice"),
+        ("5", "Invalid", "DuplicateDevice"),
+    ]
+    assert "DuplicateRequest" not in skipped.text and "RequestBeingAccepted" not in skipped.text
 
 
 def test_stdin_with_wait_prints_one_plain_line_per_change_and_succeeds(stack: Stack, tmp_path: Path) -> None:
@@ -248,7 +316,7 @@ def test_stdin_with_wait_prints_one_plain_line_per_change_and_succeeds(stack: St
     changes = [line for line in run.stdout.splitlines() if " -> " in line]
     assert any(f"line 2 {device}: Queued -> " in line for line in changes), run.stdout
     assert any(line.endswith("-> Succeeded") and f"line 4 {named}" in line for line in changes), run.stdout
-    assert "final: 2 Succeeded" in run.stdout
+    assert "final: 2 Succeeded\n" in run.stdout
     assert [(r["row"], r["status"]) for r in results(out)] == [("2", "Succeeded"), ("4", "Succeeded")]
     assert results(out)[1]["machineId"] == named
     assert len(stack.defender.offboard_calls(device)) == len(stack.defender.offboard_calls(named)) == 1
@@ -266,6 +334,18 @@ def test_a_file_with_bad_rows_is_refused_whole_with_their_line_numbers(stack: St
     assert any("line 4: UnknownIdentifier: 39 hexadecimal characters" in e for e in errors)
     assert any("line 5: InvalidAadDeviceId" in e for e in errors)
     assert "3 of 4 rows cannot be sent; nothing was sent" in refused.stderr
+
+    # With --json the bad rows are in the document too, not only on stderr.
+    as_json = cli(stack.service, "--json", "submit", str(listing))
+    assert as_json.code == 2
+    error = as_json.json()["error"]
+    assert error["code"] == "InvalidRows" and "3 of 4 rows cannot be sent" in error["message"]
+    assert [(r["row"], r["input"], r["errorCode"]) for r in error["rows"]] == [
+        (3, "bad name!", "UnknownIdentifier"),
+        (4, good[:-1], "UnknownIdentifier"),
+        (5, "00000000-0000-0000-0000-000000000000", "InvalidAadDeviceId"),
+    ]
+    assert all(r["errorMessage"] for r in error["rows"])
 
     out = tmp_path / "results.csv"
     skipped = cli(stack.service, "submit", str(listing), "--skip-invalid", "--out", str(out))
@@ -286,10 +366,16 @@ def test_rows_the_service_refuses_exit_1_and_say_why(stack: Stack, tmp_path: Pat
     assert cli(stack.service, *dry, "--comment", "first").code == 0
 
     # The same file with another comment: the same idempotency keys for other requests.
-    other = cli(stack.service, *dry, "--comment", "second")
+    # Refused at intake, so no request: `Refused`, not a request's `Rejected`.
+    refused = tmp_path / "refused.csv"
+    other = cli(stack.service, *dry, "--comment", "second", "--out", str(refused))
     assert other.code == 1
     assert other.stdout.count("IdempotencyKeyReused") == 2
-    assert "run it with the options it was first run with" in other.stderr
+    assert [(r["status"], r["requestId"]) for r in results(refused)] == [("Refused", "")] * 2
+    assert "sent: 2 Refused\n" in other.stdout
+    # The note names only what can cause it: the key holds the file and the dry-run mode.
+    assert "sent before as other requests: with another --comment" in other.stderr
+    assert "OFFBOARD_DRY_RUN" in other.stderr and "tenant" not in other.stderr
 
     # Followed to the end: a name Defender does not know fails, and so does the run.
     out = tmp_path / "results.csv"
@@ -315,8 +401,12 @@ def test_a_batch_whose_answer_was_lost_is_sent_again_and_makes_no_second_request
         )
     assert run.code == 0, run.text
     assert proxy.posts == 2 and proxy.lost == 1
-    # The key travels in its header only, never in a URL.
-    assert proxy.seen == [("POST", "/api/offboard", LOCAL_FUNCTION_KEY)] * 2
+    # The key travels in its header only, never in a URL. The replayed row's current view is
+    # read from its batch.
+    assert proxy.seen == [
+        *[("POST", "/api/offboard", LOCAL_FUNCTION_KEY)] * 2,
+        ("GET", f"/api/offboard/batches/{run.json()['batchIds'][0]}", LOCAL_FUNCTION_KEY),
+    ]
     [row] = run.json()["rows"]
     assert row["replayed"] is True  # the service had it from the lost answer
     listed = cli(stack.service, "--json", "status", row["requestId"]).json()["requests"]
@@ -330,7 +420,7 @@ def test_behind_app_service_authentication_the_token_goes_with_every_call_and_is
     devices = tmp_path / "devices.txt"
     devices.write_text(f"{machine()}\n")
     with AnswerLosingProxy(stack.service.url, lose=0, token=token) as gate:
-        where = {"OFFBOARD_URL": gate.url, "OFFBOARD_KEY": LOCAL_FUNCTION_KEY}
+        where: dict[str, Any] = {"OFFBOARD_URL": gate.url, "OFFBOARD_KEY": LOCAL_FUNCTION_KEY}
         refused = cli(None, "submit", str(devices), **where)
         assert refused.code == 3  # no token: the platform refuses before the app sees it
         run = cli(None, "submit", str(devices), "--wait", **where, OFFBOARD_TOKEN=token)
@@ -397,6 +487,8 @@ def test_ctrl_c_stops_waiting_and_the_same_command_resumes_after_release(
     said = "".join(seen) + rest.decode() + errors.decode()
     no_keys(said)
     assert "Stopped waiting; nothing was cancelled." in said
+    assert "not final: 2 still Held\n" in said and "final: 2 Held" not in said
+    assert "2 requests held: an operator releases them" in said
     assert "scripts/offboard " + " ".join(args) in said
     held_ids = [r["requestId"] for r in results(tmp_path / "results.csv")]
     assert [r["status"] for r in results(tmp_path / "results.csv")] == ["Held", "Held"]
@@ -410,7 +502,7 @@ def test_ctrl_c_stops_waiting_and_the_same_command_resumes_after_release(
 
     resumed = cli(stack.holding, *args)
     assert resumed.code == 0, resumed.text
-    assert "replayed: sent by an earlier run of this file" in resumed.stdout
+    assert "replayed: an earlier run sent it" in resumed.stdout
     assert [r["status"] for r in results(tmp_path / "results.csv")] == ["Succeeded", "Succeeded"]
     assert [r["requestId"] for r in results(tmp_path / "results.csv")] == held_ids
     for device in wanted:
@@ -476,6 +568,17 @@ def test_list_with_filters(stack: Stack, tmp_path: Path) -> None:
     assert [v["requestId"] for v in by_machine.json()["requests"]] == [row["requestId"]]
     by_batch = cli(stack.service, "list", "--batch", row["requestId"][:-3] + "000", "--since", "1h")
     assert by_batch.code == 0 and row["requestId"] in by_batch.stdout
+    assert by_batch.stdout.startswith("1 request, newest first\n")
+    # No match: the answer names the window it looked in.
+    other = machine()
+    none = cli(stack.service, "list", "--machine", other)
+    assert none.code == 0
+    assert none.stdout == (
+        f"no requests match: machineId={other}, created in the last 7 days "
+        "(--since for longer, e.g. --since 30d)\n"
+    )
+    since = cli(stack.service, "list", "--status", "Expired", "--since", "2026-01-01T00:00:00Z")
+    assert "no requests match: status=Expired, created since 2026-01-01T00:00:00Z\n" in since.stdout
 
 
 def test_held_shows_why_over_every_page(stack: Stack, tmp_path: Path) -> None:
@@ -490,7 +593,23 @@ def test_held_shows_why_over_every_page(stack: Stack, tmp_path: Path) -> None:
     assert {r["requestId"] for r in sent} <= set(listed)
     assert listed[sent[0]["requestId"]]["heldReason"]["code"]
     table = cli(stack.holding, "held")
-    assert sent[0]["requestId"] in table.stdout and "heldReason" in table.stdout
+    assert sent[0]["requestId"] in table.stdout and "why held" in table.stdout
+
+
+def test_held_shows_who_asked_the_comment_and_why(stack: Stack, tmp_path: Path) -> None:
+    """An approver decides from the `held` table alone: the request's caller, its comment,
+    and the reason it is held."""
+    devices = tmp_path / "devices.csv"
+    comment = f"IR-{secrets.token_hex(3)}: leaver, laptop not returned"
+    devices.write_text(f'machineId,comment\n{machine()},"{comment}"\n')
+    [row] = cli(stack.holding, "--json", "submit", str(devices)).json()["rows"]
+    table = cli(stack.holding, "held")
+    assert table.code == 0, table.text
+    header = table.stdout.splitlines()[1]
+    assert header.split() == ["requestId", "device", "held", "since", "caller", "comment", "why", "held"]
+    [line] = [line for line in table.stdout.splitlines() if line.startswith(row["requestId"])]
+    assert "agent:offboard-cli/" in line and comment in line
+    assert "ApprovalRequired: OFFBOARD_APPROVAL=always" in line
 
 
 # ---- the command line itself -----------------------------------------------------------------
@@ -512,7 +631,8 @@ def test_help_everywhere_with_examples(command: list[str]) -> None:
         (["list", "--status"], "argument --status: expected one argument"),
         (["list", "--since", "yesterday"], "--since 'yesterday' is not a time"),
         (["list", "--status", "Done"], "--status 'Done' is not a status"),
-        (["release"], "release takes request ids, or --all"),
+        (["release"], "release needs the ids of the held requests to release (`scripts/offboard held`"),
+        (["release", "--all", str(uuid.uuid4())], "release takes request ids or --all, not both"),
         (["status", "--local", "--url", "https://x.example", str(uuid.uuid4())], "--local and --url"),
         (["submit", "-", "--out", "/nonexistent/r.csv"], "the folder /nonexistent does not exist"),
         (["--url", "http://contoso.example", "held"], "must be https://"),
@@ -548,7 +668,78 @@ def test_the_launcher_runs_the_command(stack: Stack, tmp_path: Path) -> None:
         None, "--local", "--port", str(stack.service.port), "submit", str(devices), launcher=True
     )
     assert run.code == 0, run.text
-    assert "1 Queued" in run.stdout
+    assert f"{devices}: 1 row (list), 1 to send in 1 batch\n" in run.stdout
+    assert "sent: 1 Queued\n" in run.stdout
+
+
+def test_the_launcher_sets_up_python_only_and_never_needs_node(tmp_path: Path) -> None:
+    """An operator who only talks to Azure has no Node: `scripts/offboard` runs
+    `scripts/bootstrap --python`; the full bootstrap (run-local, tests) still installs
+    Azurite, once. In a copy of the repository's layout that shares this .venv (already up to
+    date) and has no node_modules, with an `npm` that records its calls."""
+    copy = tmp_path / "repo"
+    (copy / "scripts").mkdir(parents=True)
+    for script in ("bootstrap", "offboard"):
+        (copy / "scripts" / script).write_bytes((ROOT / "scripts" / script).read_bytes())
+        (copy / "scripts" / script).chmod(0o755)
+    for name in ("requirements.txt", "requirements-dev.txt", "package-lock.json"):
+        (copy / name).write_bytes((ROOT / name).read_bytes())
+    for name in (".venv", "offboard_cli", "shared"):
+        (copy / name).symlink_to(ROOT / name)
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    calls = tmp_path / "npm-calls"
+    (tools / "npm").write_text(f'#!/bin/sh\necho "$@" >> {calls}\nmkdir -p node_modules\n')
+    (tools / "npm").chmod(0o755)
+    env = {**os.environ, "PATH": f"{tools}:{os.environ['PATH']}"}
+
+    def run(*command: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+
+    launched = run(str(copy / "scripts" / "offboard"), "--version")
+    assert launched.returncode == 0, launched.stderr
+    assert launched.stdout.startswith("scripts/offboard ")
+    assert not calls.exists(), "the launcher ran npm"
+    assert run(str(copy / "scripts" / "bootstrap"), "--python").returncode == 0 and not calls.exists()
+
+    for _ in range(2):  # the full set-up installs Azurite, and only when package-lock.json changed
+        full = run(str(copy / "scripts" / "bootstrap"))
+        assert full.returncode == 0, full.stderr
+    assert calls.read_text().split("\n")[:-1] == ["ci --no-audit --no-fund --loglevel=error"]
+    wrong = run(str(copy / "scripts" / "bootstrap"), "--node")
+    assert wrong.returncode == 2 and "usage: scripts/bootstrap [--python]" in wrong.stderr
+
+
+def test_run_local_names_both_local_keys_and_the_command_uses_them(tmp_path: Path) -> None:
+    """The banner of `scripts/run-local --serve` names the function key and the master key
+    (release needs it); `--local` with its port reaches that stack with them."""
+    log = tmp_path / "run-local.log"
+    with log.open("wb") as sink:
+        stack = subprocess.Popen(
+            [str(ROOT / "scripts" / "run-local"), "--serve", "--no-samples", "--port", "0"],
+            stdin=subprocess.DEVNULL,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        banner = None
+        while banner is None and time.monotonic() < deadline and stack.poll() is None:
+            banner = re.search(
+                r"Local Functions host serving http://127\.0\.0\.1:(\d+)/api (.*)", log.read_text()
+            )
+            time.sleep(0.1)
+        assert banner is not None, log.read_text()[-3000:]
+        assert banner.group(2) == f"(function key: {LOCAL_FUNCTION_KEY}, master key: {LOCAL_MASTER_KEY})"
+        port = banner.group(1)
+        held = cli_process(None, "--local", "--port", port, "held")
+        assert held.code == 0 and held.stdout == "no held requests\n", held.text
+        released = cli_process(None, "--local", "--port", port, "release", "--all")
+        assert released.code == 0 and released.stdout == "released 0 requests\n", released.text
+    finally:
+        os.killpg(stack.pid, signal.SIGTERM)
+        stack.wait(30)
 
 
 # ---- on a terminal -----------------------------------------------------------------------------
@@ -605,6 +796,39 @@ def test_wait_on_a_terminal_draws_a_live_bar_with_counts(stack: Stack, tmp_path:
     assert re.search(r"waiting ━+ 2/2 [0-9:]+ 2 DryRun", shown), shown
     assert re.search(r"│ 1 +│ [0-9a-f]{40} │ [0-9a-f-]{36} │ DryRun │", shown), shown
     no_keys(run.stdout)
+
+
+def terminal_lines(shown: str) -> list[str]:
+    return [line.rstrip() for line in re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", shown).splitlines()]
+
+
+def test_ids_are_printed_whole_on_an_80_column_terminal(stack: Stack, tmp_path: Path) -> None:
+    """Too narrow for a table that keeps every id whole, each row is a block of lines; ids
+    are never cut (`…`) or broken across lines, at 80 columns as at 200."""
+    device = machine()
+    devices = tmp_path / "devices.txt"
+    devices.write_text(f"{device}\n")
+    env = process_env(stack.service, COLUMNS="80")
+    sent = on_terminal(["submit", str(devices), "--dry-run"], env)
+    assert sent.code == 0, sent.stdout
+    lines = terminal_lines(sent.stdout)
+    assert "…" not in sent.stdout
+    assert any(line.split() == ["input", device] for line in lines), lines
+    [request_id] = [line.split()[1] for line in lines if line.startswith("requestId")]
+    assert re.fullmatch(r"[0-9a-f-]{36}", request_id)
+    assert all(len(line) <= 80 for line in lines if not line.startswith(str(devices))), lines
+
+    for args in (["status", request_id], ["status", request_id[:-3] + "000"], ["list", "--machine", device]):
+        shown = on_terminal(args, env)
+        assert shown.code == 0, shown.stdout
+        lines = terminal_lines(shown.stdout)
+        assert "…" not in shown.stdout and all(len(line) <= 80 for line in lines)
+        assert any(line.split() == ["requestId", request_id] for line in lines), lines
+        assert any(line.split() == ["device", device] for line in lines), lines
+
+    wide = on_terminal(["status", request_id], process_env(stack.service, COLUMNS="200"))
+    drawn = "\n".join(terminal_lines(wide.stdout))
+    assert re.search(rf"│ {request_id} │ {device} │ [A-Za-z]+ ", drawn), drawn
 
 
 # ---- a gateway that loses an answer ----------------------------------------------------------

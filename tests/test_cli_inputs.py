@@ -131,6 +131,7 @@ def test_a_csv_uses_the_first_non_empty_device_column_in_the_services_order() ->
         (7, None),
     ]
     assert file.rows[3].code == "MissingMachineId"
+    assert file.rows[3].text == ""  # `input` is the identifier columns only, not the comment or owner
 
 
 def test_a_machine_id_column_with_a_bad_id_does_not_fall_back_to_the_name() -> None:
@@ -160,6 +161,48 @@ def test_a_plain_list_skips_blanks_and_comments_and_keeps_line_numbers() -> None
         (4, GUID, True),
         (5, "bad name!", False),
     ]
+
+
+def test_a_device_named_twice_is_a_bad_row_compared_as_the_service_compares() -> None:
+    other = "2" * 40
+    text = (
+        "machineId,aadDeviceId,deviceName,tenantId\n"
+        f"{MACHINE},,,\n"  # 2
+        f",{GUID},,\n"  # 3
+        ",,PC1.contoso.com,\n"  # 4
+        f"{MACHINE.upper()},,,\n"  # 5: line 2 again, another case
+        f",{GUID.upper()},,\n"  # 6: line 3 again
+        ",,pc1.CONTOSO.com,\n"  # 7: line 4 again
+        f"{MACHINE},,,{GUID}\n"  # 8: another tenant's machine: another device
+        f"{other},,pc1.contoso.com,\n"  # 9: named by its machine id first: not line 4
+        f"{MACHINE},,,{GUID.upper()}\n"  # 10: line 8 again
+    )
+    rows = read_devices("f", text.encode()).rows
+    assert [(r.number, r.code, r.message) for r in rows if not r.valid] == [
+        (5, "DuplicateDevice", "the same device as line 2"),
+        (6, "DuplicateDevice", "the same device as line 3"),
+        (7, "DuplicateDevice", "the same device as line 4"),
+        (10, "DuplicateDevice", "the same device as line 8"),
+    ]
+    assert [r.number for r in rows if r.valid] == [2, 3, 4, 8, 9]
+    listed = read_devices("f", f"{MACHINE}\n# again\n{MACHINE.upper()}  # the same\n".encode()).rows
+    assert [(r.number, r.code) for r in listed] == [(1, None), (3, "DuplicateDevice")]
+
+
+def test_the_example_files_send_no_readers_note_as_a_comment() -> None:
+    """A note for the reader is a # line; a `comment` cell goes to Defender with the offboard."""
+    csv_file = read_devices("devices.csv", (ROOT / "examples" / "devices.csv").read_bytes())
+    assert all(r.valid for r in csv_file.rows) and not csv_file.notes
+    assert [r.item.get("comment") for r in csv_file.rows if r.item] == [
+        None,
+        "lost laptop",
+        "decommissioned",
+        None,
+        None,
+    ]
+    listing = read_devices("devices.txt", (ROOT / "examples" / "devices.txt").read_bytes())
+    assert listing.form == "list" and all(r.item and "comment" not in r.item for r in listing.rows)
+    assert len(listing.rows) == 3
 
 
 @pytest.mark.parametrize(
