@@ -123,3 +123,21 @@ def test_a_short_benchmark_prints_progress_the_table_the_json_line_and_draws(tmp
     assert "accepted" in result.stderr and "run 1/1 (1 worker)" in result.stderr
     assert "\x1b" not in result.stderr and "\r" not in result.stderr  # not a terminal: plain lines
     assert picture.read_bytes().startswith(PNG_SIGNATURE)
+
+
+def test_a_short_round_trip_benchmark_counts_each_part_of_a_request() -> None:
+    """Three requests through two real hosts: the counts are the app's own, whole per request."""
+    from bench import roundtrips
+    from localdev.azurite import Azurite
+    from localdev.identity import IdentityEndpoint
+
+    with Azurite() as azurite, IdentityEndpoint() as identity:
+        result = roundtrips.run(3, azurite, identity)
+    assert result["requests"] == 3 and result["checks"] == 9  # Pending, InProgress, Succeeded each
+    # What the issue asked for and the code does: the intake's guards, row with its events and
+    # message; the worker's slots, claim, Submitted row and check message; a check's read slot,
+    # row and next check. A count over these means a round trip crept back in.
+    assert result["intake_storage_per_request"] <= 4
+    assert result["worker_storage_first_delivery"] <= 5
+    assert result["worker_storage_per_check"] <= 4
+    assert "worker: storage requests per check" in roundtrips.table(result)
