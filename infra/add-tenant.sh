@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Adds one customer tenant to a deployment that offboards in many tenants (see the README,
+# Adds one customer tenant to a deployment that offboards in many tenants (see docs/deploy.md,
 # "Many tenants"). The app signs in to the customer tenant as the multi-tenant app registration
 # (infra/create-multitenant-app.sh), so in that tenant:
 #   1. an administrator of the customer tenant consents to the app: the URL is printed first

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-# Exit codes (README, "The operator command").
+# Exit codes (docs/operator.md).
 OK = 0
 NOT_ALL_DONE = 1  # a row refused or not successful, a request not found, a release refused
 USAGE = 2  # bad usage or a bad file: nothing was sent

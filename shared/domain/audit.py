@@ -1,4 +1,4 @@
-"""The audit trail's vocabulary: one event per step in a request's life (README, "Audit trail")."""
+"""The audit trail's vocabulary: one event per step in a request's life (docs/security.md, "What the audit trail records")."""
 
 RECEIVED = "Received"
 REJECTED = "Rejected"

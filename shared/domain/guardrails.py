@@ -16,10 +16,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-# What the offboard API supports, after Microsoft Learn's "Offboard machine API" page (see the
-# README, "Guardrails"), keyed by Defender's `osPlatform` (lower case). A rule is `allow`,
-# `refuse`, `defender` (let Defender decide) or `min:<version>`. A platform not listed here
-# is `defender`. OFFBOARD_PLATFORM_RULES overrides or adds rows.
+# What the offboard API supports, after Microsoft Learn's "Offboard machine API" page (see
+# docs/how-it-works.md, "The platform table"), keyed by Defender's `osPlatform` (lower case).
+# A rule is `allow`, `refuse`, `defender` (let Defender decide) or `min:<version>`. A platform
+# not listed here is `defender`. OFFBOARD_PLATFORM_RULES overrides or adds rows.
 PLATFORM_RULES: Mapping[str, str] = {
     "windows11": "allow",
     "windows10": "min:1703",

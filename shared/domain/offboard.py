@@ -59,7 +59,7 @@ class Caller:
     agent). `principal` is the App Service authentication principal id when authentication
     is on: then a request belongs to its principal, and only it, or an `operator` (a holder of
     OFFBOARD_OPERATOR_ROLE), may read or cancel it. Without authentication, function keys
-    identify no one, so every key holder is trusted with every request (README, Security)."""
+    identify no one, so every key holder is trusted with every request (docs/security.md)."""
 
     label: str
     principal: str | None = None

@@ -4,7 +4,7 @@ Lists read the batch partitions of a time range, newest first (domain/ids.py), w
 filters applied by Table storage itself. They cover requests made since the batch layout
 came in; a request of the old layout is still read by its id (status, audit, cancel).
 With App Service authentication on, a caller who is not an operator sees its own requests
-only; without it, every key holder sees every request (README, "Security").
+only; without it, every key holder sees every request (docs/security.md).
 """
 
 from __future__ import annotations

@@ -67,7 +67,7 @@ class FollowUpPolicy:
 
 @dataclass(frozen=True)
 class Guardrails:
-    """The guardrails in front of the offboard call (domain/guardrails.py and the README)."""
+    """The guardrails in front of the offboard call (domain/guardrails.py and docs/how-it-works.md, Guardrails)."""
 
     precheck: bool = True
     proceed_without_permission: bool = False
