@@ -1,7 +1,7 @@
 """One offboard message, as steps that read top to bottom. Each step either lets the
 request go on or settles it (recorded, re-queued, or dropped as a duplicate) and stops:
 
-    resolve → guard the machine → precheck → dry run → slot → claim → call
+    resolve → guard the machine → precheck → dry run → settle doubt → slot → claim → call
 
 - resolve: a request that names its device by Entra device id or DNS name gets exactly one
   machine id, or fails saying why (domain/resolution.py);
@@ -9,6 +9,9 @@ request go on or settles it (recorded, re-queued, or dropped as a duplicate) and
   one by machine id for the same device are one request;
 - precheck: read the machine and apply the guardrails (domain/guardrails.py);
 - dry run: everything but the call;
+- settle doubt: an attempt that may already have reached Defender (a redelivery that finds
+  its own earlier claim, a retry after a timeout, a 5xx or a dropped connection) looks for
+  the action first, follows it if there is one, and calls only when there is none;
 - slot: a slot in Defender's shared budget, waited for inline or carried in the re-queued
   message (pacing.py); reads take their slots where they read;
 - claim: the row, claimed with the ETag the message carries, right before the call (a
