@@ -25,6 +25,7 @@ from .adapters.queues import WorkQueue
 from .adapters.rate_limit import RateLimiter
 from .adapters.request_store import RequestStore
 from .adapters.tokens import CustomerTenants, TokenProvider
+from .adapters.webhook import Webhook
 from .domain.guardrails import Protection
 from .domain.outcome import RetryPolicy
 from .intake.cancel import Cancellations
@@ -169,7 +170,7 @@ class Services:
             tagging=Tagging(calls, self.store, self.queue, pacer),
             queue=self.queue,
             store=self.store,
-            notifier=Notifier(s.hold_notify_url, self.store, self.queue, status_url)
+            notifier=Notifier(Webhook(s.hold_notify_url), self.store, self.queue, status_url)
             if s.hold_notify_url
             else None,
         )

@@ -1,4 +1,5 @@
-"""The audit trail's vocabulary: one event per step in a request's life (docs/security.md, "What the audit trail records")."""
+"""The audit trail's vocabulary: one event per step in a request's life (docs/security.md,
+"What the audit trail records")."""
 
 RECEIVED = "Received"
 REJECTED = "Rejected"

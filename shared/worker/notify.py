@@ -9,34 +9,26 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
-
-import requests
 
 from ..adapters.queues import WorkQueue
 from ..adapters.request_store import RequestStore
-from ..adapters.transport import ca_bundle, needs_environment
+from ..adapters.webhook import Webhook
 from ..domain.messages import NotifyMessage
 from ..domain.statuses import Status
 
 log = logging.getLogger("shared.worker")
 _ATTEMPTS = 3
 _BACKOFF_SECONDS = (30, 120)
-_TIMEOUT = (5.0, 10.0)
 
 
 @dataclass
 class Notifier:
-    url: str
+    webhook: Webhook
     store: RequestStore
     queue: WorkQueue
     status_url: Callable[[str], str | None]
-    session: requests.Session = field(default_factory=requests.Session)
-
-    def __post_init__(self) -> None:
-        self.session.trust_env = needs_environment()
-        self.session.verify = ca_bundle()
 
     def handle(self, message: NotifyMessage) -> None:
         held = [
@@ -70,13 +62,8 @@ class Notifier:
             "POST /api/offboard/held/release (all), with the master key",
             "requests": requests_held,
         }
-        try:
-            response = self.session.post(self.url, json=body, timeout=_TIMEOUT, allow_redirects=False)
-            ok = 200 <= response.status_code < 300
-            problem = f"answered {response.status_code}"
-        except requests.RequestException as exc:
-            ok, problem = False, type(exc).__name__
-        if ok:
+        problem = self.webhook.post(body)
+        if problem is None:
             log.info("Told operators of %d held request(s)", len(held))
             return
         if message.attempt < _ATTEMPTS:

@@ -70,7 +70,8 @@ class FollowUpPolicy:
 
 @dataclass(frozen=True)
 class Guardrails:
-    """The guardrails in front of the offboard call (domain/guardrails.py and docs/how-it-works.md, Guardrails)."""
+    """The guardrails in front of the offboard call (domain/guardrails.py; docs/how-it-works.md,
+    "Guardrails")."""
 
     precheck: bool = True
     proceed_without_permission: bool = False
