@@ -121,6 +121,15 @@ def test_port_is_documented_and_checked() -> None:
     assert refused.returncode == 2 and "not a port number" in refused.stderr
 
 
+def test_the_readme_lists_the_fleet_the_simulator_serves() -> None:
+    # A new user picks devices from the README's table: each row must be a machine the
+    # simulator really has, and every machine must be in the table.
+    readme = (ROOT / "README.md").read_text()
+    rows = [line for line in readme.splitlines() if line.startswith("| `") and line.count("|") == 6]
+    listed = {row.split("`")[1]: row.split("`")[3] for row in rows}
+    assert listed == {machine.id: machine.computer_dns_name for machine in FLEET}
+
+
 # ---- the sample flow --------------------------------------------------------------------
 
 
