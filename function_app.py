@@ -70,6 +70,8 @@ def offboard(req: func.HttpRequest) -> func.HttpResponse:
     batch_id, answers = submissions.accept(
         items, caller, batch=not recognised.single, payload_format=recognised.format
     )
+    for code, message in reply.refused_input(recognised, answers):
+        services.rejections.record(caller.label, code, message)
     return reply.items_response(recognised, batch_id, answers, urls, req.url, req.params.get("code"))
 
 

@@ -114,6 +114,11 @@ def test_a_requests_audit_trail_and_every_event_since(local_host: HostFactory) -
     since = host.get("/api/offboard/audit", params={"since": trail["events"][0]["at"]}).json()["events"]
     [refused] = [e for e in since if e["event"] == "Rejected"]
     assert "requestId" not in refused and refused["outcome"] == "InvalidMachineId"
+    # So is a batch's item refused for what it said, beside the item that became a request.
+    batch = host.post("/api/offboard", {"requests": [{"machineId": "bad"}, {"machineId": "b" * 40}]})
+    assert [r["status"] for r in batch.json()["results"]] == ["Rejected", "Queued"]
+    since = host.get("/api/offboard/audit", params={"since": trail["events"][0]["at"]}).json()["events"]
+    assert [e["outcome"] for e in since if e["event"] == "Rejected"] == ["InvalidMachineId"] * 2
 
 
 def test_approval_always_holds_everything_until_released_and_records_who(

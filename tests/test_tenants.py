@@ -440,10 +440,13 @@ def test_a_tenant_not_allowed_is_refused_and_changes_nothing(
     assert not_an_id.status_code == 400 and not_an_id.json()["error"]["code"] == "InvalidTenantId"
 
     # Nothing of the refused tenant anywhere: no row, guard, breaker or budget, no message,
-    # no token request, no Defender call.
+    # no token request, no Defender call; only the audit trail's record of each refusal.
     queue = app_env["OFFBOARD_QUEUE_NAME"]
-    for table in (f"{queue}state", f"{queue}audit", queue):
+    for table in (f"{queue}state", queue):
         assert STRANGER not in json.dumps(table_rows(azurite, table), default=str), table
+    naming = [row for row in table_rows(azurite, f"{queue}audit") if STRANGER in json.dumps(row, default=str)]
+    assert [(row["event"], row["outcome"]) for row in naming] == [("Rejected", "TenantNotAllowed")] * 4
+    assert {row["PartitionKey"].startswith("rejected-") for row in naming} == {True}
     assert [r["requestId"] for r in host.get("/api/offboard").json()["requests"]] == [mixed[1]["requestId"]]
     assert entra.requests == [] and defender.calls == []
 

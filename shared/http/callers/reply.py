@@ -59,6 +59,13 @@ def items_to_submit(recognised: Items, idempotency_key: str | None) -> list[Item
     ]
 
 
+def refused_input(recognised: Items, answers: list[Answer | Refusal]) -> list[tuple[str, str]]:
+    """(code, message) of each item refused for what it said (a bad field, a tenant not
+    allowed), which never became a request: the audit trail records them as `Rejected`."""
+    refused = [(item.code, item.message) for item in recognised.items if isinstance(item, Rejected)]
+    return refused + [(a.code, a.message) for a in answers if isinstance(a, InvalidInput)]
+
+
 def answer_response(
     answer: Answer | Refusal, urls: PublicUrls, request_url: str, query_code: str | None
 ) -> func.HttpResponse:
