@@ -10,10 +10,12 @@ from collections.abc import Callable
 
 import pytest
 
+from shared.adapters.entities import EntityChanged, Write
 from shared.adapters.guards import ACCEPT_LEASE, key_key, machine_key
 from shared.domain import ids
 from shared.domain.devices import Lookup
 from shared.domain.errors import IdempotencyKeyReused, InvalidInput, Refusal, RequestConflict
+from shared.domain.messages import HoldExpiryMessage
 from shared.domain.offboard import Caller, OffboardRequest
 from shared.domain.statuses import Status
 from shared.http.errors import status_of
@@ -394,3 +396,53 @@ def test_since_takes_rfc_3339_times_in_either_case() -> None:
     from shared.intake.listing import since_of
 
     assert since_of("2026-12-01t09:00:00z") == since_of("2026-12-01T09:00:00Z") == 1_796_115_600.0
+
+
+def test_a_held_requests_expiry_is_queued_before_its_row(intake) -> None:
+    from azure.core.exceptions import ServiceRequestError
+
+    m, submissions = intake(OFFBOARD_APPROVAL="always")
+    # An expiry that cannot be queued: no Held row at all (one would hold the device until
+    # someone released it by id), the device free for the caller's retry.
+    m.work.fail_with, m.work.fail_next = ServiceRequestError, 1
+    assert status_of(refused(submissions, OffboardRequest(MACHINE, "c"))) == 503
+    assert list(m.services.holds().held()) == []
+    # A process that dies after the expiry, before the row: the expiry finds nothing, later.
+    m.work.fail_with, m.work.fail_next = ConnectionError, 0
+    state_transact = m.state.transact
+
+    def dies_at_the_rows(writes: list[Write]) -> list[str]:
+        if any(w.entity["PartitionKey"].startswith("batch-") for w in writes):
+            raise ConnectionError("the acceptor died before its rows")
+        written: list[str] = state_transact(writes)
+        return written
+
+    m.state.transact = dies_at_the_rows
+    with pytest.raises(ConnectionError):
+        submit(submissions, OffboardRequest(MACHINE, "c"))
+    m.state.transact = state_transact
+    [expiry] = m.work.bodies()
+    assert expiry["type"] == "hold-expiry" and m.services.store.get(expiry["requestId"]) is None
+    m.services.holds().expire(HoldExpiryMessage(expiry["requestId"]))  # nothing to expire, no error
+    # The normal path: the expiry first, then the row, then the answer.
+    m.work.sent.clear()
+    held = submit(submissions, OffboardRequest(OTHER, "c"))
+    assert [b["type"] for b in m.work.bodies()] == ["hold-expiry"]
+    assert m.work.bodies()[0]["requestId"] == held.body["requestId"] and held.body["status"] == "Held"
+
+
+def test_a_breaker_changing_under_a_mass_event_holds_rather_than_fails(intake) -> None:
+    m, submissions = intake()
+    transact = m.state.transact
+
+    def others_always_win(writes: list[Write]) -> list[str]:
+        # Every breaker write loses its race (HTTP 412), as under many instances at once.
+        if any(w.entity["PartitionKey"] == "breaker" for w in writes):
+            raise EntityChanged("breaker/offboard")
+        written: list[str] = transact(writes)
+        return written
+
+    m.state.transact = others_always_win
+    answer = submit(submissions, OffboardRequest(MACHINE, "c"))
+    assert answer.body["status"] == "Held" and answer.body["heldReason"]["code"] == "BreakerTripped"
+    assert "the breaker unreadable" in answer.body["heldReason"]["message"]

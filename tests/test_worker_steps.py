@@ -227,3 +227,22 @@ def test_machines_offboarded_together_are_tagged_in_one_message(m: Memory) -> No
         thread.join()
     [message] = m.work.bodies()
     assert message["type"] == "tag" and sorted(message["machineIds"]) == machines
+
+
+def test_a_poisoned_status_check_stops_the_follow_up_and_keeps_the_offboard(
+    m: Memory, defender: DefenderSimulator
+) -> None:
+    worker = m.services.worker()
+    message = adopt(m.services)
+    worker.process(message)
+    [check] = m.work.sent
+    # The host gives up on the check after five deliveries (storage down, say): Defender has
+    # the offboard, so the request keeps its status and only stops being followed.
+    worker.give_up(check.text.encode(), "ServiceRequestError: storage down")
+    after = record(m, message.request_id)
+    assert after.status == Status.SUBMITTED and after.follow_up == "Stopped"
+    assert events(m.services, message.request_id)[-1] == "FollowUpStopped"
+    # An older attempt's offboard message, poisoned late, does not touch the request either.
+    worker.give_up(message.to_json().encode(), "ServiceRequestError: storage down")
+    assert record(m, message.request_id).status == Status.SUBMITTED
+    assert len(defender.offboard_calls(MACHINE)) == 1

@@ -6,7 +6,8 @@ item, in this order:
 2. its device's guard: a device with an unfinished request gets that request back (a
    playbook that fired twice), and a dry run never stands in for a real request;
 3. the breaker (or the approval rule): admitted items are queued, the others held;
-4. the rows: every item's state row and audit events, in as few transactions as fit;
+4. the rows: every item's state row and audit events, in as few transactions as fit (a held
+   item's expiry message goes first, so no Held row is ever left without one);
 5. the messages, the point of no return: the worker takes it from there.
 
 A process may die at any line. Guards record when they were taken and are taken over once
@@ -35,6 +36,7 @@ from ..adapters.breaker import BlastRadiusBreaker
 from ..adapters.guards import Guard, Guards, Held, key_key, machine_key
 from ..adapters.queues import WorkQueue
 from ..adapters.request_store import BatchItems, NewRequest, RequestStore, StaleRecord
+from ..adapters.retrying import Contended
 from ..domain import audit, ids
 from ..domain.errors import IdempotencyKeyReused, InvalidInput, Refusal, RequestConflict, ServiceUnavailable
 from ..domain.messages import HoldExpiryMessage, NotifyMessage, OffboardMessage, utc_now_iso
@@ -249,7 +251,7 @@ class Submissions:
             group = [t for t in real if t.item.request.tenant_id == tenant]
             try:
                 admission = self.breaker.admit(len(group), tenant)
-            except AzureError:
+            except (AzureError, Contended):  # unreadable, or changing under a mass event
                 log.exception("The breaker could not be read; holding %d request(s)", len(group))
                 admission = None
             admitted = admission.admitted if admission is not None else 0
@@ -295,9 +297,13 @@ class Submissions:
     ) -> dict[str, RequestRecord]:
         now = utc_now_iso()
         new = []
+        unqueued: set[str] = set()
         for t in taking:
             request = t.item.request
             hold = t.hold
+            if hold and not self._queue_expiry(t, answers):
+                unqueued.add(t.request_id)
+                continue
             record = RequestRecord(
                 request_id=t.request_id,
                 machine_id=request.machine_id,
@@ -326,7 +332,7 @@ class Submissions:
             for index, item in enumerate(items):
                 own = next((t for t in taking if t.index == index), None)
                 answer = answers[index]
-                if own is not None:
+                if own is not None and own.request_id not in unqueued:
                     refs.append((item.label, own.request_id))
                 elif isinstance(answer, Answer) and "requestId" in answer.body:
                     refs.append((item.label, str(answer.body["requestId"])))
@@ -341,6 +347,19 @@ class Submissions:
                 answers[t.index] = _unavailable()
         return written
 
+    def _queue_expiry(self, taking: _Taking, answers: list[Answer | Refusal | None]) -> bool:
+        """A held request's expiry is queued before its row: a Held row that a crash left
+        without one would hold its device until someone released or cancelled it by id,
+        while an expiry whose row never came finds nothing and is dropped."""
+        try:
+            self.queue.send(HoldExpiryMessage(taking.request_id), self.hold_expiry_seconds)
+        except AzureError:
+            log.exception("Request %s was not held: its expiry could not be queued", taking.request_id)
+            self._release(taking)
+            answers[taking.index] = _unavailable()
+            return False
+        return True
+
     # ---- 5: the messages ----------------------------------------------------------------
 
     def _send(
@@ -353,8 +372,7 @@ class Submissions:
                 continue
             try:
                 if record.status == Status.HELD:
-                    self.queue.send(HoldExpiryMessage(record.request_id), self.hold_expiry_seconds)
-                    held.append(record.request_id)
+                    held.append(record.request_id)  # its expiry went before its row
                 else:
                     self.queue.send(message_for(record))
             except Exception:

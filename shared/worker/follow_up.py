@@ -52,13 +52,11 @@ class FollowUp:
             self._next(message, outcome.delay_seconds, message.status)
             return
         if isinstance(outcome, Failed):
-            self._stop(message, f"reading action {message.action_id} failed: {outcome.code}")
+            self.stop(message, f"reading action {message.action_id} failed: {outcome.code}")
             return
         status = status_of(str(outcome.action.get("status")))
         if status is None or status not in ACTION_STATUSES:
-            self._stop(
-                message, f"Defender returned an unknown action status {outcome.action.get('status')!r}"
-            )
+            self.stop(message, f"Defender returned an unknown action status {outcome.action.get('status')!r}")
             return
         if message.status is not None and status == message.status:
             self._next(message, self.policy.delay(message.check + 1), str(status))
@@ -88,12 +86,12 @@ class FollowUp:
             seconds=self.policy.horizon_seconds
         )
         if self.clock() + timedelta(seconds=delay) > horizon:
-            self._stop(message, f"still {status or 'unknown'} at the follow-up horizon", record)
+            self.stop(message, f"still {status or 'unknown'} at the follow-up horizon", record)
             return
         following = replace(message, check=message.check + 1, slot_at=None, status=status)
         self.queue.send(following, delay)
 
-    def _stop(self, message: ActionCheckMessage, why: str, record: RequestRecord | None = None) -> None:
+    def stop(self, message: ActionCheckMessage, why: str, record: RequestRecord | None = None) -> None:
         record = record or self.store.get(message.request_id)
         if record is None or record.final:
             return

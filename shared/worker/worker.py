@@ -26,7 +26,7 @@ from ..domain.messages import (
     parse_message,
 )
 from ..domain.records import AuditEvent
-from ..domain.statuses import Status
+from ..domain.statuses import NOT_SENT, Status
 from ..intake.holds import Holds
 from .follow_up import FollowUp
 from .notify import Notifier
@@ -72,12 +72,20 @@ class Worker:
         self.offboards.run(message, message_id or str(uuid.uuid4()))
 
     def give_up(self, body: bytes, reason: str) -> None:
-        """Best effort, as the host is about to poison this message: mark its request Failed."""
+        """Best effort, as the host is about to poison this message: a status check that failed
+        on every delivery stops the follow-up (the offboard itself went through, so the request
+        keeps what Defender last said); the live offboard message of a request not yet sent
+        marks it Failed. Any other message (an older attempt's, a tag, a hold's expiry) leaves
+        the request as it is."""
         try:
             message = parse_message(body.decode("utf-8"))
-            request_id = getattr(message, "request_id", None)
-            record = self.store.get(request_id) if isinstance(request_id, str) else None
-            if record is None or record.final:
+            if isinstance(message, ActionCheckMessage):
+                self.checks.stop(message, f"its status check failed on every delivery: {reason}")
+                return
+            if not isinstance(message, OffboardMessage):
+                return
+            record = self.store.get(message.request_id)
+            if record is None or record.status not in NOT_SENT or message.attempt < record.attempt:
                 return
             self.store.update(
                 record,
