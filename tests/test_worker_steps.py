@@ -246,3 +246,27 @@ def test_a_poisoned_status_check_stops_the_follow_up_and_keeps_the_offboard(
     worker.give_up(message.to_json().encode(), "ServiceRequestError: storage down")
     assert record(m, message.request_id).status == Status.SUBMITTED
     assert len(defender.offboard_calls(MACHINE)) == 1
+
+
+def test_a_redelivery_in_doubt_settles_before_it_takes_an_offboard_slot(
+    memory: Callable[..., Memory], defender: DefenderSimulator
+) -> None:
+    m = memory(DEFENDER_OFFBOARD_RATE_LIMITS="2/60", RATE_LIMIT_MAX_INLINE_WAIT_SECONDS="0")
+    worker = m.services.worker()
+    worker.process(adopt(m.services, machine_id=OTHER))  # one of the minute's two slots
+    message = adopt(m.services)
+    # The first delivery claimed the row and reached Defender, then its process died; the
+    # host delivers the message again (dequeue count 2).
+    now = datetime.now(UTC).isoformat()
+    m.services.store.change(
+        record(m, message.request_id), None, claimed_by="delivery-1", claimed_attempt=1, claimed_at=now
+    )
+    action = defender.new_action(MACHINE, message.comment)
+    worker.handle(message.to_json().encode(), "delivery-1", dequeue_count=2)
+    done = record(m, message.request_id)
+    assert done.status == Status.SUBMITTED and done.action_id == action["id"]
+    assert defender.offboard_calls(MACHINE) == []
+    # It spent no offboard slot: the minute's second one is still there for the next request.
+    third = adopt(m.services, machine_id="3" * 40)
+    worker.process(third)
+    assert record(m, third.request_id).status == Status.SUBMITTED

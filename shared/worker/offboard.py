@@ -97,7 +97,10 @@ class OffboardFlow:
 
     def run(self, message: OffboardMessage, delivery_id: str, redelivered: bool = False) -> None:
         d = Delivery(message, delivery_id, redelivered, etag=message.etag)
-        if d.etag is None and not self._decide(d):  # sent by an older version, or by hand
+        # Read the row first when the message has no ETag (sent by an older version, or by
+        # hand) or comes back from a delivery that died: an earlier claim of its own is found
+        # here, so the doubt is settled before the offboard slot, not after it.
+        if (d.etag is None or redelivered) and not self._decide(d):
             return
         steps = (
             self._resolve,
@@ -287,7 +290,12 @@ class OffboardFlow:
         try:
             self.recorder.change(d, None, **claim)
         except StaleRecord:
-            if not self._decide(d) or not self._settle_doubt(d):
+            if not self._decide(d):
+                return False
+            looked = d.message.in_doubt_since is not None and d.message.machine_id is not None
+            # A lookup made now took time since the slot: take the slot again (a late call
+            # could be early on Defender's clock for a later one); the first is wasted.
+            if not self._settle_doubt(d) or (looked and not self._slot(d)):
                 return False
             try:
                 self.recorder.change(d, None, **claim)
