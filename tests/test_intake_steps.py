@@ -446,3 +446,16 @@ def test_a_breaker_changing_under_a_mass_event_holds_rather_than_fails(intake) -
     answer = submit(submissions, OffboardRequest(MACHINE, "c"))
     assert answer.body["status"] == "Held" and answer.body["heldReason"]["code"] == "BreakerTripped"
     assert "the breaker unreadable" in answer.body["heldReason"]["message"]
+
+
+def test_the_watchers_idempotency_keys_are_its_own(intake) -> None:
+    from shared.watcher.run import CALLER as WATCHER
+
+    _, submissions = intake()
+    key = "intune-watcher:5e3f9a2b:retire:2026-12-01T10:00:00Z"  # the shape the watcher uses
+    first = submit(submissions, OffboardRequest(MACHINE, "c"), key=key, caller=WATCHER)
+    # A caller the platform let through without a principal sends the same key: it gets a
+    # request of its own, never the watcher's answer (nor a refusal that confirms the key).
+    anonymous = Caller("agent:curl/8.5.0", scoped=True)
+    other = submit(submissions, OffboardRequest(OTHER, "c"), key=key, caller=anonymous)
+    assert other.body["requestId"] != first.body["requestId"] and "replayed" not in other.body

@@ -65,6 +65,9 @@ class Caller:
     principal: str | None = None
     operator: bool = False
     scoped: bool = False  # App Service authentication is on: requests belong to principals
+    # A caller inside the app (the Intune watcher): its idempotency keys live apart from every
+    # HTTP caller's, so no caller can replay one by sending the same key.
+    namespace: str = ""
 
     def may_see(self, owner: str | None) -> bool:
         """Whether this caller may read or cancel a request its `owner` created. With
@@ -77,4 +80,4 @@ class Caller:
     @property
     def scope(self) -> str:
         """What keeps one caller's idempotency keys apart from another's."""
-        return self.principal or ""
+        return self.principal or self.namespace

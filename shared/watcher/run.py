@@ -79,7 +79,7 @@ from .decide import (
 from .store import Checkpoint, WatchStore
 
 log = logging.getLogger("shared.watcher")
-CALLER = Caller(decide.CALLER)
+CALLER = Caller(decide.CALLER, namespace="app:intune-watcher")
 PAYLOAD_FORMAT = "intune-watcher"
 BATCH = 50  # items per accept call, as for an HTTP caller
 RUN_BUDGET = timedelta(minutes=4)  # inside host.json's functionTimeout of 5 minutes
