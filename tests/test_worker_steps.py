@@ -32,6 +32,14 @@ def record(m: Memory, request_id: str) -> RequestRecord:
     return found
 
 
+def claimed_by_a_dead_delivery(m: Memory, request_id: str) -> None:
+    """The row as a first delivery ("delivery-1") left it: claimed, then its process died."""
+    now = datetime.now(UTC).isoformat()
+    m.services.store.change(
+        record(m, request_id), None, claimed_by="delivery-1", claimed_attempt=1, claimed_at=now
+    )
+
+
 def test_a_first_delivery_is_five_storage_requests_and_claims_without_reading(
     m: Memory, defender: DefenderSimulator
 ) -> None:
@@ -63,10 +71,7 @@ def test_a_redelivery_that_finds_its_own_claim_looks_before_calling_again(
 ) -> None:
     message = adopt(m.services)
     # The first delivery claimed the row and reached Defender, then its process died.
-    now = datetime.now(UTC).isoformat()
-    m.services.store.change(
-        record(m, message.request_id), None, claimed_by="delivery-1", claimed_attempt=1, claimed_at=now
-    )
+    claimed_by_a_dead_delivery(m, message.request_id)
     action = defender.new_action(MACHINE, message.comment)
     m.services.worker().process(message, "delivery-1")  # the host delivers it again
     assert defender.offboard_calls() == []  # no second offboard call
@@ -78,10 +83,7 @@ def test_a_redelivery_whose_first_try_never_reached_defender_calls_once(
     m: Memory, defender: DefenderSimulator
 ) -> None:
     message = adopt(m.services)
-    now = datetime.now(UTC).isoformat()
-    m.services.store.change(
-        record(m, message.request_id), None, claimed_by="delivery-1", claimed_attempt=1, claimed_at=now
-    )
+    claimed_by_a_dead_delivery(m, message.request_id)
     m.services.worker().process(message, "delivery-1")
     assert len(defender.offboard_calls()) == 1
     assert record(m, message.request_id).status == Status.SUBMITTED
@@ -111,10 +113,7 @@ def test_an_in_doubt_request_whose_lookup_is_never_allowed_ends_failed_without_c
     from localdev.defender_sim import ACTION_LOOKUP
 
     message = adopt(m.services)
-    now = datetime.now(UTC).isoformat()
-    m.services.store.change(
-        record(m, message.request_id), None, claimed_by="delivery-1", claimed_attempt=1, claimed_at=now
-    )
+    claimed_by_a_dead_delivery(m, message.request_id)
     defender.script(ACTION_LOOKUP, *[Reply.error(403, "Forbidden")] * 5)
     worker = m.services.worker()
     worker.process(message, "delivery-1")
@@ -257,10 +256,7 @@ def test_a_redelivery_in_doubt_settles_before_it_takes_an_offboard_slot(
     message = adopt(m.services)
     # The first delivery claimed the row and reached Defender, then its process died; the
     # host delivers the message again (dequeue count 2).
-    now = datetime.now(UTC).isoformat()
-    m.services.store.change(
-        record(m, message.request_id), None, claimed_by="delivery-1", claimed_attempt=1, claimed_at=now
-    )
+    claimed_by_a_dead_delivery(m, message.request_id)
     action = defender.new_action(MACHINE, message.comment)
     worker.handle(message.to_json().encode(), "delivery-1", dequeue_count=2)
     done = record(m, message.request_id)
