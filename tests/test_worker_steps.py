@@ -266,3 +266,35 @@ def test_a_redelivery_in_doubt_settles_before_it_takes_an_offboard_slot(
     third = adopt(m.services, machine_id="3" * 40)
     worker.process(third)
     assert record(m, third.request_id).status == Status.SUBMITTED
+
+
+def test_a_machine_guard_whose_request_is_still_being_accepted_is_waited_for_then_voided(
+    m: Memory, defender: DefenderSimulator
+) -> None:
+    from shared.adapters.guards import ACCEPT_LEASE, machine_key
+    from shared.domain import ids
+
+    defender.add_machine(MACHINE, computer_dns_name="ws-0042.contoso.com")
+    now = [datetime.now(UTC).timestamp()]
+    m.services.guards._now = lambda: now[0]  # the guards' clock, moved by hand
+    # Another request for the machine by id: its acceptor has taken the guard, not yet its row.
+    accepting = ids.request_id(ids.new_batch_id(), 1)
+    m.services.guards.take(machine_key(MACHINE), accepting, "acceptor-at-work")
+    lookup = Lookup.of("deviceName", "ws-0042.contoso.com")
+    by_name = m.services.submissions(lambda r: r).submit(
+        OffboardRequest(None, "by name", lookup), Caller("agent:b")
+    )
+    worker = m.services.worker()
+    [message] = [s for s in m.work.due() if by_name.body["requestId"] in s.text]
+    worker.handle(message.text.encode(), "delivery-1")
+    # Within the lease it waits: the other request may yet be written.
+    [waiting] = m.work.sent
+    assert 0 < waiting.visible_at - datetime.now(UTC).timestamp() <= ACCEPT_LEASE + 2
+    assert defender.offboard_calls() == [] and record(m, by_name.body["requestId"]).status == Status.QUEUED
+    # After it, the other id is voided (a slow acceptor can never write it) and this one goes on.
+    now[0] += ACCEPT_LEASE + 1
+    m.work.sent.clear()
+    worker.handle(waiting.text.encode(), "delivery-2")
+    assert m.services.store.get(accepting) is None
+    assert m.services.store.void(accepting)  # still void: its acceptor's row can never land
+    assert len(defender.offboard_calls(MACHINE)) == 1

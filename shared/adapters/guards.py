@@ -48,7 +48,11 @@ class Guard:
     pointed: bool = False
 
     def expired(self, now: float, lease: float = ACCEPT_LEASE) -> bool:
-        return now - self.taken_at > lease
+        return self.lease_left(now, lease) < 0
+
+    def lease_left(self, now: float, lease: float = ACCEPT_LEASE) -> float:
+        """Seconds until the guard's acceptor is presumed dead (negative once it is)."""
+        return self.taken_at + lease - now
 
 
 @dataclass(frozen=True)

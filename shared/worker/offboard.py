@@ -25,6 +25,7 @@ heal), the row is read and the delivery decides again, once (`_decide`).
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
@@ -168,8 +169,20 @@ class OffboardFlow:
             outcome = self.guards.take(where, m.request_id, d.delivery_id)
             if not isinstance(outcome, Held) or outcome.guard.request_id == m.request_id:
                 return True
-            other = self.store.get(outcome.guard.request_id)
-            if other is not None and not other.final:
+            guard = outcome.guard
+            other = self.store.get(guard.request_id)
+            if other is None and guard.request_id:
+                # No row yet: its acceptor may still be between the guard and the row. Wait out
+                # the acceptance lease, then void the id, so that a slow acceptor can never
+                # write it later (the intake's own take-over does the same).
+                left = guard.lease_left(self.guards.now(), self.guards.lease)
+                if left > 0:
+                    waiting = f"request {guard.request_id}, still being accepted for the machine"
+                    self.recorder.paced(d, math.ceil(left) + 1, waiting_for=waiting)
+                    return False
+                if not self.store.void(guard.request_id):
+                    continue  # written after all: look again
+            elif other is not None and not other.final:
                 if self._same_caller(d, other):
                     named, duplicate_of = f"request {other.request_id}", other.request_id
                 else:  # another principal's request: the intake would not show it either
@@ -182,7 +195,7 @@ class OffboardFlow:
                 )
                 return False
             # Its request is over (or was never written): the guard is ours to take.
-            if self.guards.take_over(where, outcome.guard, m.request_id, d.delivery_id, None) is not None:
+            if self.guards.take_over(where, guard, m.request_id, d.delivery_id, None) is not None:
                 return True
         raise StaleRecord(where[0])
 

@@ -153,15 +153,20 @@ class Recorder:
         )
 
     def paced(
-        self, d: Delivery, delay: int, *, slot_at: float | None = None, read_slot_at: float | None = None
+        self,
+        d: Delivery,
+        delay: int,
+        *,
+        slot_at: float | None = None,
+        read_slot_at: float | None = None,
+        waiting_for: str = "its Defender slot",
     ) -> None:
-        """Waiting for a slot in Defender's budget: not a failure, not an attempt, and no call
-        was made. The row notes when it will be tried; the message carries its slot."""
+        """Waiting (for a slot in Defender's budget, or another acceptor): not a failure, not
+        an attempt, and no call was made. The row notes when it will be tried; the message
+        carries its slot."""
         self.change(d, None, next_attempt_at=self._in(delay))
         self.queue.send(replace(d.message, slot_at=slot_at, read_slot_at=read_slot_at, etag=d.etag), delay)
-        log.info(
-            "Request %s machine %s waits %ds for its Defender slot", d.request_id, d.message.device, delay
-        )
+        log.info("Request %s machine %s waits %ds for %s", d.request_id, d.message.device, delay, waiting_for)
 
     def failed(self, d: Delivery, outcome: Failed, step: str) -> None:
         self.change(
