@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -459,3 +460,42 @@ def test_the_watchers_idempotency_keys_are_its_own(intake) -> None:
     anonymous = Caller("agent:curl/8.5.0", scoped=True)
     other = submit(submissions, OffboardRequest(OTHER, "c"), key=key, caller=anonymous)
     assert other.body["requestId"] != first.body["requestId"] and "replayed" not in other.body
+
+
+def test_rows_whose_write_answer_was_lost_are_read_back_never_written_twice(intake) -> None:
+    from azure.core.exceptions import ServiceResponseError
+
+    m, submissions = intake()
+    clock = Clock()
+    m.services.guards._now = clock  # the guards' and the submission's clock, moved by hand
+    submissions.clock = clock
+    commit, read = m.state.transact, m.state.get
+    lost = {"answers": 1, "reads": 0}
+
+    def committed_but_unanswered(writes: list[Write]) -> list[str]:
+        etags: list[str] = commit(writes)
+        if lost["answers"] and any(w.entity["PartitionKey"].startswith("batch-") for w in writes):
+            lost["answers"] -= 1
+            raise ServiceResponseError("the answer timed out after the transaction committed")
+        return etags
+
+    def reads(partition: str, row: str) -> Any:
+        if lost["reads"] and partition.startswith("batch-"):
+            lost["reads"] -= 1
+            raise ServiceResponseError("storage unreachable")
+        return read(partition, row)
+
+    m.state.transact, m.state.get = committed_but_unanswered, reads
+    # Read back: the row is there, so the request is accepted as if the answer had come.
+    first = submit(submissions, OffboardRequest(MACHINE, "c"))
+    assert first.body["status"] == "Queued" and len(m.work.sent) == 1
+    # Read back fails too: 503, and the guards stay, so no second request starts beside it:
+    # the caller's retry finds the row its first try wrote, and heals it (its message).
+    lost.update(answers=1, reads=1)
+    assert status_of(refused(submissions, OffboardRequest(OTHER, "c"), key="run-9")) == 503
+    assert m.work.bodies()[-1]["requestId"] == first.body["requestId"]  # nothing sent for it yet
+    clock.now += ACCEPT_LEASE + 1  # the heal waits for the acceptance lease
+    retried = submit(submissions, OffboardRequest(OTHER, "c"), key="run-9")
+    again = submit(submissions, OffboardRequest(OTHER, "c"))
+    assert retried.body["replayed"] is True and again.body["requestId"] == retried.body["requestId"]
+    assert [b["requestId"] for b in m.work.bodies()].count(retried.body["requestId"]) == 1

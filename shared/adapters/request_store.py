@@ -41,6 +41,11 @@ class StaleRecord(Exception):
     """Someone else changed the row since it was read (ETag mismatch)."""
 
 
+class WriteInDoubt(Exception):
+    """A transaction whose answer was lost, and whose rows could not be read back either: it
+    may have committed. Its guards must stay (their lease decides), never be freed."""
+
+
 @dataclass(frozen=True)
 class NewRequest:
     """A request to write at acceptance, with the events that record it."""
@@ -198,8 +203,24 @@ class RequestStore:
         writes = [w for _, item_writes in chunk for w in item_writes]
         try:
             etags = self._entities.transact(writes)
-        except (AzureError, EntityConflict, EntityChanged) as exc:  # reported per item
+        except (EntityConflict, EntityChanged) as exc:  # reported per item
             failed.update({r.request_id: exc for r, _ in chunk if r is not None})
+            return
+        except AzureError as exc:
+            # The answer may have been lost after the transaction committed (a read timeout):
+            # read the rows back rather than report a row that exists as not written.
+            for record, _ in chunk:
+                if record is None:
+                    continue
+                try:
+                    found = self.get(record.request_id)
+                except AzureError:
+                    failed[record.request_id] = WriteInDoubt(str(exc))
+                    continue
+                if found is None:
+                    failed[record.request_id] = exc
+                else:
+                    written[record.request_id] = found
             return
         position = 0
         for item, item_writes in chunk:

@@ -35,7 +35,7 @@ from azure.core.exceptions import AzureError
 from ..adapters.breaker import BlastRadiusBreaker
 from ..adapters.guards import Guard, Guards, Held, key_key, machine_key
 from ..adapters.queues import WorkQueue
-from ..adapters.request_store import BatchItems, NewRequest, RequestStore, StaleRecord
+from ..adapters.request_store import BatchItems, NewRequest, RequestStore, StaleRecord, WriteInDoubt
 from ..adapters.retrying import Contended
 from ..domain import audit, ids
 from ..domain.errors import IdempotencyKeyReused, InvalidInput, Refusal, RequestConflict, ServiceUnavailable
@@ -343,7 +343,8 @@ class Submissions:
                 log.error(
                     "Request %s for %s was not written: %s", t.request_id, t.item.label, failed[t.request_id]
                 )
-                self._release(t)
+                if not isinstance(failed[t.request_id], WriteInDoubt):
+                    self._release(t)  # certainly not written: the retry is a first try
                 answers[t.index] = _unavailable()
         return written
 
@@ -402,7 +403,11 @@ class Submissions:
                 last_error_message="queue unavailable",
             )
         except (AzureError, StaleRecord):
+            # The row stays Queued without its message: the guards keep naming it, so the
+            # next request for the device (or the reconciler) heals it rather than start a
+            # second one beside it.
             log.exception("Could not mark request %s as not queued", record.request_id)
+            return
         self._release(taking)
 
     # ---- answers ------------------------------------------------------------------------
