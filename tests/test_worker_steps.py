@@ -4,6 +4,7 @@ tests/test_request_state.py and the end-to-end tests prove the same on Azurite."
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -298,3 +299,23 @@ def test_a_machine_guard_whose_request_is_still_being_accepted_is_waited_for_the
     assert m.services.store.get(accepting) is None
     assert m.services.store.void(accepting)  # still void: its acceptor's row can never land
     assert len(defender.offboard_calls(MACHINE)) == 1
+
+
+def test_an_in_doubt_lookup_that_must_wait_keeps_its_action_read_slot(
+    memory: Callable[..., Memory], defender: DefenderSimulator
+) -> None:
+    m = memory(DEFENDER_ACTION_READ_RATE_LIMITS="1/60", RATE_LIMIT_MAX_INLINE_WAIT_SECONDS="0")
+    worker = m.services.worker()
+    first, second = adopt(m.services, machine_id=OTHER), adopt(m.services)
+    for message in (first, second):  # both claimed by deliveries that died mid-call
+        claimed_by_a_dead_delivery(m, message.request_id)
+    worker.handle(first.to_json().encode(), "delivery-1", dequeue_count=2)  # the minute's lookup
+    m.work.sent.clear()
+    worker.handle(second.to_json().encode(), "delivery-1", dequeue_count=2)
+    [waiting] = m.work.bodies()
+    held = waiting["actionSlotAt"]
+    # Back from the queue before its slot: the same slot again, never a new one further out.
+    m.work.sent.clear()
+    worker.handle(json.dumps(waiting).encode(), "delivery-2")
+    [again] = m.work.bodies()
+    assert again["actionSlotAt"] == held and defender.offboard_calls(MACHINE) == []

@@ -64,6 +64,9 @@ class OffboardMessage:
     # An earlier delivery claimed this attempt at this time and may have reached Defender:
     # look for the action it may have started before calling again (ISO 8601, UTC).
     in_doubt_since: str | None = None
+    # The action-read slot the in-doubt lookup reserved before it was re-queued to wait for
+    # it, in that budget: so a lookup that waits is not put at the back of the line again.
+    action_slot_at: float | None = None
 
     def __post_init__(self) -> None:
         if (self.machine_id is None) == (self.lookup is None):
@@ -76,6 +79,7 @@ class OffboardMessage:
             failures=self.failures + int(failed),
             slot_at=None,
             read_slot_at=None,
+            action_slot_at=None,
         )
 
     def resolved(self, machine_id: str) -> OffboardMessage:
@@ -121,6 +125,7 @@ class OffboardMessage:
             etag=_optional_text(body, "etag"),
             tenant_id=_optional_text(body, "tenantId", TENANT_ID),
             in_doubt_since=_optional_text(body, "inDoubtSince"),
+            action_slot_at=_optional_time(body, "actionSlotAt"),
         )
 
 

@@ -355,12 +355,14 @@ class OffboardFlow:
         could not be made now (the message was re-queued to make it later)."""
         m = d.message
         self.calls.warm_up(m.tenant_id)
-        slot = self.pacer.admit(ACTION_READ, None, m.tenant_id)
+        held = m.action_slot_at if since is not None else None  # the in-doubt lookup's, if it waited
+        slot = self.pacer.admit(ACTION_READ, held, m.tenant_id)
         if slot is not None:
             if since is None:
                 return ""  # the request ends with a note rather than overspend the budget
-            self.recorder.paced(d, self.pacer.requeue_delay(slot))
+            self.recorder.paced(d, self.pacer.requeue_delay(slot), action_slot_at=slot)
             return None
+        d.message = replace(d.message, action_slot_at=None)
         answered = self.calls.make(
             ACTION_READ,
             lambda c: c.find_offboard_actions(d.machine_id, m.tenant_id),

@@ -159,13 +159,17 @@ class Recorder:
         *,
         slot_at: float | None = None,
         read_slot_at: float | None = None,
+        action_slot_at: float | None = None,
         waiting_for: str = "its Defender slot",
     ) -> None:
         """Waiting (for a slot in Defender's budget, or another acceptor): not a failure, not
         an attempt, and no call was made. The row notes when it will be tried; the message
         carries its slot."""
         self.change(d, None, next_attempt_at=self._in(delay))
-        self.queue.send(replace(d.message, slot_at=slot_at, read_slot_at=read_slot_at, etag=d.etag), delay)
+        waiting = replace(
+            d.message, slot_at=slot_at, read_slot_at=read_slot_at, action_slot_at=action_slot_at, etag=d.etag
+        )
+        self.queue.send(waiting, delay)
         log.info("Request %s machine %s waits %ds for %s", d.request_id, d.message.device, delay, waiting_for)
 
     def failed(self, d: Delivery, outcome: Failed, step: str) -> None:
