@@ -319,3 +319,17 @@ def test_an_in_doubt_lookup_that_must_wait_keeps_its_action_read_slot(
     worker.handle(json.dumps(waiting).encode(), "delivery-2")
     [again] = m.work.bodies()
     assert again["actionSlotAt"] == held and defender.offboard_calls(MACHINE) == []
+
+
+def test_a_failure_before_the_claim_whose_poison_send_failed_is_poisoned_on_redelivery(
+    m: Memory, defender: DefenderSimulator
+) -> None:
+    lookup = Lookup.of("deviceName", "nowhere.contoso.com")  # no such machine: DeviceNotFound
+    message = adopt(m.services, machine_id=None, lookup=lookup)
+    m.poison.fail_next = 1  # the row says Failed; then the poison send fails, and the host retries
+    with pytest.raises(ConnectionError):
+        m.services.worker().handle(message.to_json().encode(), "delivery-1")
+    assert record(m, message.request_id).status == Status.FAILED and m.poison.sent == []
+    m.services.worker().handle(message.to_json().encode(), "delivery-1", dequeue_count=2)
+    [poisoned] = m.poison.bodies()
+    assert poisoned["reason"]["code"] == "DeviceNotFound" and defender.offboard_calls() == []

@@ -173,12 +173,16 @@ class Recorder:
         log.info("Request %s machine %s waits %ds for %s", d.request_id, d.message.device, delay, waiting_for)
 
     def failed(self, d: Delivery, outcome: Failed, step: str) -> None:
+        # The row names the delivery that failed it, also when that was before any claim (a
+        # lookup, the precheck): if the poison send below fails, the host's redelivery finds
+        # its own failure and sends the poison record then.
         self.change(
             d,
             AuditEvent(audit.FAILED, outcome=outcome.code, detail=outcome.message),
             status=Status.FAILED,
             last_error_code=outcome.code,
             last_error_message=outcome.message,
+            claimed_by=d.delivery_id,
         )
         self.queue.poison(d.message, outcome.code, outcome.message, outcome.status)
         log.error(
