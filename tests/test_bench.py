@@ -34,6 +34,7 @@ RESULT_KEYS = {
     "first_429_at_s",
     "enqueue_p50_ms",
     "enqueue_p99_ms",
+    "enqueue_503_retried",
     "limits",
     "time_scale",
     "finished",
