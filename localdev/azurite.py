@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import subprocess
 import tempfile
@@ -15,14 +16,22 @@ ACCOUNT_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """Distinct free loopback ports: every socket stays bound until all are chosen, because a
+    port closed at once may be handed out again by the very next bind (it was, in CI)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in socks]
 
 
 class Azurite:
     def __init__(self) -> None:
-        self.ports = {"blob": free_port(), "queue": free_port(), "table": free_port()}
+        self.ports = self._choose_ports()
         self._log = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as Azurite
         self._process: subprocess.Popen[bytes] | None = None
 
@@ -33,7 +42,25 @@ class Azurite:
         )
         return f"DefaultEndpointsProtocol=http;AccountName={ACCOUNT};AccountKey={ACCOUNT_KEY};{endpoints}"
 
-    def start(self, timeout: float = 30.0) -> Azurite:
+    @staticmethod
+    def _choose_ports() -> dict[str, int]:
+        return dict(zip(("blob", "queue", "table"), free_ports(3), strict=True))
+
+    def start(self, timeout: float = 30.0, attempts: int = 3) -> Azurite:
+        """Starts Azurite; a port taken by another process between choosing it and Azurite's
+        bind (parallel test workers start their own) is retried on fresh ports."""
+        for attempt in range(attempts):
+            try:
+                return self._start_once(timeout)
+            except _PortTaken:
+                if attempt == attempts - 1:
+                    raise
+                self.ports = self._choose_ports()
+        raise AssertionError("unreachable")
+
+    def _start_once(self, timeout: float) -> Azurite:
+        self._log.seek(0)
+        self._log.truncate()
         binary = ROOT / "node_modules" / ".bin" / "azurite"
         if not binary.exists():
             raise RuntimeError(f"{binary} is missing: run `npm ci` (scripts/bootstrap does)")
@@ -67,10 +94,14 @@ class Azurite:
                 if self._process.poll() is not None or time.monotonic() > deadline:
                     self.stop()
                     self._log.seek(0)
-                    raise RuntimeError(
-                        f"Azurite did not start: {self._log.read()[-2000:].decode(errors='replace')}"
-                    )
+                    log = self._log.read()[-2000:].decode(errors="replace")
+                    if "EADDRINUSE" in log:
+                        raise _PortTaken(log)
+                    raise RuntimeError(f"Azurite did not start: {log}")
                 time.sleep(0.05)
+        if self._process.poll() is not None:  # a port answered, but it was someone else's
+            self._log.seek(0)
+            raise _PortTaken(self._log.read()[-2000:].decode(errors="replace"))
         return self
 
     def stop(self) -> None:
@@ -87,6 +118,10 @@ class Azurite:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class _PortTaken(RuntimeError):
+    pass
 
 
 def _listening(port: int) -> bool:
