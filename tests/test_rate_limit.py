@@ -362,6 +362,7 @@ def test_no_room_requeues_with_the_slot_and_calls_nothing(
         OFFBOARD_CHECK_INITIAL_SECONDS="3600",  # the first request's status check stays out of sight
         OFFBOARD_CHECK_MAX_SECONDS="3600",
     )
+    before = time.time()
     worker.process(offboard_message())
     [first] = defender.offboard_calls()
     waiting = offboard_message(machine_id=OTHER_MACHINE, attempt=2, failures=1)
@@ -375,7 +376,8 @@ def test_no_room_requeues_with_the_slot_and_calls_nothing(
     # Not a failure and not an attempt: Defender was not called. Only the slot is new.
     assert requeued.request_id == waiting.request_id
     assert (requeued.attempt, requeued.failures) == (2, 1)
-    assert requeued.slot_at is not None and 2.9 <= requeued.slot_at - first.at <= 3.1
+    # One window after the first call's slot, which was taken between `before` and its arrival.
+    assert requeued.slot_at is not None and before + 3 <= requeued.slot_at <= first.at + 3
     assert len(defender.offboard_calls()) == 1
 
 
@@ -397,7 +399,8 @@ def test_a_requeued_message_calls_in_its_own_slot(
     assert body["machineId"] == OTHER_MACHINE and body["attempt"] == 1 and body["failures"] == 0
     worker.handle(json.dumps(body).encode(), "m2")
     first, second = defender.offboard_calls()
-    assert second.at - first.at >= 2.4 - 0.05  # the window plus the margin, not earlier
+    assert second.at >= body["slotAt"]  # in its own slot (the window plus the margin), not earlier
+    assert second.at - first.at >= 2  # so Defender's window holds, by arrival times too
 
 
 def test_a_429_penalises_every_request_for_that_operation(
@@ -457,7 +460,10 @@ def test_a_far_read_slot_is_carried_not_taken_again(
         assert body.get("readSlotAt", held) == held  # the same slot every time, never a new one
         worker.handle(json.dumps(body).encode(), received.id)
     first, second = defender.machine_calls()
-    assert second.at - first.at >= 3.2 - 0.05  # in its carried slot, not earlier
+    assert second.at >= held  # in its carried slot, not earlier
+    # Defender's window between the two arrivals; the 0.2 s margin is what covers the first
+    # call's time from its reservation to its arrival, so the arrivals may be closer than 3.2 s.
+    assert second.at - first.at >= 3
     assert len(defender.offboard_calls()) == 2
 
 
@@ -490,9 +496,11 @@ def test_the_pipeline_spends_the_budget_without_a_429(local_host: Callable[..., 
         assert sorted(c.path.split("/")[3] for c in limited.offboard_calls()) == machines
         assert limited.throttled == []
         starts = sorted(c.at for c in calls)
-        # Two at once, then two a window (plus margin) later, then the fifth.
-        assert starts[1] - starts[0] < 0.5 and starts[2] - starts[0] >= 2.2 - 0.05
-        assert starts[4] - starts[2] >= 2.2 - 0.05
+        # Two at once, then two a window later, then the fifth. The slots are a window plus the
+        # margin apart; the margin covers each call's way from its slot to Defender, so by
+        # arrival times only the window itself is certain.
+        assert starts[1] - starts[0] < 0.5 and starts[2] - starts[0] >= 2
+        assert starts[4] - starts[2] >= 2
 
 
 def test_table_storage_down_through_the_host_loses_nothing(
