@@ -93,16 +93,17 @@ class Azurite:
             while not _listening(port):
                 if self._process.poll() is not None or time.monotonic() > deadline:
                     self.stop()
-                    self._log.seek(0)
-                    log = self._log.read()[-2000:].decode(errors="replace")
-                    if "EADDRINUSE" in log:
-                        raise _PortTaken(log)
-                    raise RuntimeError(f"Azurite did not start: {log}")
+                    raise self._failure()
                 time.sleep(0.05)
-        if self._process.poll() is not None:  # a port answered, but it was someone else's
-            self._log.seek(0)
-            raise _PortTaken(self._log.read()[-2000:].decode(errors="replace"))
+        if self._process.poll() is not None:  # every port answered, one of them someone else's
+            raise self._failure()
         return self
+
+    def _failure(self) -> RuntimeError:
+        self._log.seek(0)
+        log = self._log.read()[-2000:].decode(errors="replace")
+        kind = _PortTaken if "EADDRINUSE" in log else RuntimeError
+        return kind(f"Azurite did not start: {log}")
 
     def stop(self) -> None:
         if self._process and self._process.poll() is None:
@@ -121,7 +122,7 @@ class Azurite:
 
 
 class _PortTaken(RuntimeError):
-    pass
+    """Azurite could not bind a port it was given: worth another try on fresh ones."""
 
 
 def _listening(port: int) -> bool:
