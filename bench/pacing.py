@@ -160,10 +160,8 @@ def run(
             **os.environ,
             **json.loads((ROOT / "local.settings.sample.json").read_text())["Values"],
             **identity.env,
-            "AzureWebJobsStorage": azurite.connection_string,
+            **azurite.app_storage(name),
             "DEFENDER_API_BASE_URL": defender.url,
-            "OFFBOARD_QUEUE_NAME": name,
-            "RATE_LIMIT_TABLE_NAME": name,
             "DEFENDER_OFFBOARD_RATE_LIMITS": ",".join(
                 f"{calls}/{seconds:g}" for calls, seconds in real_windows
             ),
@@ -174,8 +172,6 @@ def run(
             # docs/benchmarks.md). Azure's default is 1 s against real minutes.
             "RATE_LIMIT_MARGIN_SECONDS": str(args.margin),
             "RATE_LIMIT_MAX_INLINE_WAIT_SECONDS": str(args.inline_wait),
-            "OFFBOARD_STATE_TABLE_NAME": f"{name}state",
-            "OFFBOARD_AUDIT_TABLE_NAME": f"{name}audit",
             # The benchmark measures the offboard budget: the simulator limits only offboards
             # here, so the precheck's reads get a budget that never binds, the breaker lets all
             # requests through, and status checks start after the run.

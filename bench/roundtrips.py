@@ -99,12 +99,8 @@ def _pass(count: int, azurite: Azurite, identity: IdentityEndpoint, *, checks: b
             **os.environ,
             **json.loads((ROOT / "local.settings.sample.json").read_text())["Values"],
             **identity.env,
-            "AzureWebJobsStorage": azurite.connection_string,
+            **azurite.app_storage(name),
             "DEFENDER_API_BASE_URL": defender.url,
-            "OFFBOARD_QUEUE_NAME": name,
-            "RATE_LIMIT_TABLE_NAME": name,
-            "OFFBOARD_STATE_TABLE_NAME": f"{name}state",
-            "OFFBOARD_AUDIT_TABLE_NAME": f"{name}audit",
             "OFFBOARD_BREAKER_LIMIT": str(count + 25),
             # Checks every second in the second pass; an hour away (never, here) in the first.
             "OFFBOARD_CHECK_INITIAL_SECONDS": "1" if checks else "3600",

@@ -42,6 +42,18 @@ class Azurite:
         )
         return f"DefaultEndpointsProtocol=http;AccountName={ACCOUNT};AccountKey={ACCOUNT_KEY};{endpoints}"
 
+    def app_storage(self, name: str) -> dict[str, str]:
+        """The app's storage settings for one run of its own: this Azurite, and a queue and
+        tables named from `name`, so that runs sharing the emulator never see each other's
+        requests or spend each other's Defender budget."""
+        return {
+            "AzureWebJobsStorage": self.connection_string,
+            "OFFBOARD_QUEUE_NAME": name,
+            "OFFBOARD_STATE_TABLE_NAME": f"{name}state",
+            "OFFBOARD_AUDIT_TABLE_NAME": f"{name}audit",
+            "RATE_LIMIT_TABLE_NAME": name,
+        }
+
     @staticmethod
     def _choose_ports() -> dict[str, int]:
         return dict(zip(("blob", "queue", "table"), free_ports(3), strict=True))

@@ -75,10 +75,7 @@ def app_env(
 ) -> dict[str, str]:
     """The app's settings for one test: its own queue, fast retries, every fake wired in."""
     return {
-        "AzureWebJobsStorage": azurite.connection_string,
-        "OFFBOARD_QUEUE_NAME": queue_name,
-        "OFFBOARD_STATE_TABLE_NAME": f"{queue_name}state",
-        "OFFBOARD_AUDIT_TABLE_NAME": f"{queue_name}audit",
+        **azurite.app_storage(queue_name),  # each test its own requests and Defender budget
         "OFFBOARD_CHECK_INITIAL_SECONDS": "1",
         "OFFBOARD_CHECK_MAX_SECONDS": "2",
         "DEFENDER_API_BASE_URL": defender.url,
@@ -89,7 +86,6 @@ def app_env(
         "OFFBOARD_CONFIG_RETRY_SECONDS": "60",
         "DEFENDER_CONNECT_TIMEOUT_SECONDS": "2",
         "DEFENDER_READ_TIMEOUT_SECONDS": "1",
-        "RATE_LIMIT_TABLE_NAME": queue_name,  # each test spends its own Defender budget
         # Timer triggers name their schedule by setting (%INTUNE_WATCH_SCHEDULE%), and the
         # local host, like the real one, refuses to start a function whose setting is unset.
         "INTUNE_WATCH_SCHEDULE": "0 */5 * * * *",

@@ -67,11 +67,7 @@ class Stack:
 def _start(azurite: Azurite, identity: IdentityEndpoint, defender: DefenderSimulator, **extra: str) -> Host:
     name = f"cli{uuid.uuid4().hex[:12]}"
     settings = {
-        "AzureWebJobsStorage": azurite.connection_string,
-        "OFFBOARD_QUEUE_NAME": name,
-        "OFFBOARD_STATE_TABLE_NAME": f"{name}state",
-        "OFFBOARD_AUDIT_TABLE_NAME": f"{name}audit",
-        "RATE_LIMIT_TABLE_NAME": name,
+        **azurite.app_storage(name),
         "DEFENDER_API_BASE_URL": defender.url,
         "DEFENDER_API_SCOPE": "https://api.securitycenter.microsoft.com/.default",
         # Follow the simulated actions every second or two (tests/conftest.py's app_env).

@@ -100,11 +100,7 @@ def api(azurite: Azurite) -> Iterator[str]:
     ):
         name = f"s{uuid.uuid4().hex[:12]}"
         env = {
-            "AzureWebJobsStorage": azurite.connection_string,
-            "OFFBOARD_QUEUE_NAME": name,
-            "OFFBOARD_STATE_TABLE_NAME": f"{name}state",
-            "OFFBOARD_AUDIT_TABLE_NAME": f"{name}audit",
-            "RATE_LIMIT_TABLE_NAME": name,
+            **azurite.app_storage(name),
             "DEFENDER_API_BASE_URL": defender.url,
             "INTUNE_WATCH_SCHEDULE": "0 */5 * * * *",
             **identity.env,
