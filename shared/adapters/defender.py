@@ -15,7 +15,7 @@ import requests
 from ..domain.messages import ACTION_ID, MACHINE_ID
 from .bearer import bearer_request
 from .tokens import TokenProvider
-from .transport import ca_bundle, needs_environment
+from .transport import api_session
 
 USER_AGENT = "defender-offboard-function/1.0"
 
@@ -32,12 +32,8 @@ class DefenderClient:
         self._base_url = base_url.rstrip("/")
         self._tokens = tokens
         self._timeout = (connect_timeout, read_timeout)
-        # One session per process: connections to Defender are reused across messages, and the
-        # environment is not scanned on every call unless it names a proxy (transport.py).
-        self._session = requests.Session()
-        self._session.headers["User-Agent"] = USER_AGENT
-        self._session.trust_env = needs_environment()
-        self._session.verify = ca_bundle()
+        # One session per process: connections to Defender are reused across messages.
+        self._session = api_session(USER_AGENT)
 
     def warm_up(self, tenant: str | None = None) -> None:
         """Fetch (or reuse) the token now, so a call made right after starts on time."""

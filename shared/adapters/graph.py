@@ -40,7 +40,7 @@ import requests
 
 from .bearer import bearer_request
 from .tokens import TokenProvider
-from .transport import needs_environment
+from .transport import api_session
 
 USER_AGENT = "defender-offboard-function/1.0 (intune-watcher)"
 MANAGED_DEVICES = "/v1.0/deviceManagement/managedDevices"
@@ -76,10 +76,8 @@ class GraphClient:
         self._origin = _origin(self.base_url)
         self._tokens = tokens
         self._timeout = (connect_timeout, read_timeout)
-        self._session = requests.Session()
-        self._session.headers["User-Agent"] = USER_AGENT
+        self._session = api_session(USER_AGENT)
         self._session.headers["Accept"] = "application/json"
-        self._session.trust_env = needs_environment()
 
     def managed_devices(self) -> requests.Response:
         """The first page of every managed device, with only the fields the watcher uses."""

@@ -8,6 +8,9 @@ at start. When the environment names a proxy the scan stays on, so `HTTPS_PROXY`
 `NO_PROXY` keep working exactly as the SDK documents them (Functions apps rarely have one:
 VNet integration routes traffic, it does not proxy it).
 
+The app's own HTTP calls (Defender, Graph, the hold webhook) get one `requests.Session` each,
+with the same two settings (`api_session()`), so a CA bundle is trusted by every call or none.
+
 The count (`storage_requests()`) is what the benchmark reports per offboarded request.
 """
 
@@ -18,6 +21,7 @@ import threading
 from functools import lru_cache
 from typing import Any
 
+import requests
 from azure.core.pipeline.transport import RequestsTransport
 
 _PROXY_SETTINGS = ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
@@ -41,6 +45,18 @@ def needs_environment() -> bool:
 def ca_bundle() -> str | bool:
     """The CA bundle the environment names, read once (True: the default trust store)."""
     return os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or True
+
+
+def api_session(user_agent: str | None = None) -> requests.Session:
+    """A session for one of the app's API clients: its connections are reused across calls;
+    the environment is scanned only when it names a proxy, and the CA bundle it names is
+    trusted even when it is not scanned (`requests` reads the bundle only while scanning)."""
+    session = requests.Session()
+    if user_agent:
+        session.headers["User-Agent"] = user_agent
+    session.trust_env = needs_environment()
+    session.verify = ca_bundle()
+    return session
 
 
 @lru_cache(maxsize=1)

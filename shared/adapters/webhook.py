@@ -2,8 +2,8 @@
 
 The URL is a secret (a Logic App or Teams workflow trigger URL carries its signature), so
 what goes wrong is said without it. No redirect is followed, for the same reason as the
-bearer calls: one could carry the body somewhere unexpected. Proxy and CA settings are the
-storage transport's (transport.py).
+bearer calls: one could carry the body somewhere unexpected. Proxy and CA settings are those
+of every API client (transport.py).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 
 import requests
 
-from .transport import ca_bundle, needs_environment
+from .transport import api_session
 
 _TIMEOUT = (5.0, 10.0)
 
@@ -21,11 +21,7 @@ _TIMEOUT = (5.0, 10.0)
 @dataclass
 class Webhook:
     url: str
-    session: requests.Session = field(default_factory=requests.Session)
-
-    def __post_init__(self) -> None:
-        self.session.trust_env = needs_environment()
-        self.session.verify = ca_bundle()
+    session: requests.Session = field(default_factory=api_session)
 
     def post(self, body: dict[str, Any]) -> str | None:
         """None when the webhook took the body (2xx); otherwise what went wrong, without the URL."""
